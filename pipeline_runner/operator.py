@@ -1,0 +1,152 @@
+"""The Operator interface: what a pipeline stage implements.
+
+An operator receives a batch of :class:`Request` objects and answers each with zero or more
+responses, the last one marked final. The worker answers for it if it forgets or raises, so a
+request never goes unanswered.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import BadInputError, OperatorError
+from .tensor import Tensor, TensorLike
+
+# Sends one response: (outputs, parameters, final, error) -> None.
+Responder = Callable[
+    [Mapping[str, TensorLike], Mapping[str, Any], bool, "tuple[str, str] | None"], Awaitable[None]
+]
+
+
+@dataclass(frozen=True)
+class OperatorContext:
+    """What an operator knows about where it runs."""
+
+    deployment: str
+    operator: str
+    version: int
+    worker: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("operator"))
+
+
+class Request:
+    """One request as an operator sees it."""
+
+    def __init__(
+        self,
+        request_id: str,
+        parameters: dict[str, Any],
+        inputs: dict[str, Tensor],
+        deadline: float,
+        responder: Responder,
+    ):
+        self.id = request_id
+        self.parameters = parameters
+        self.inputs = inputs
+        self.deadline = deadline  # time.monotonic() value
+        self._responder = responder
+        self._final_sent = False
+
+    @property
+    def answered(self) -> bool:
+        """True once the final response (or error) has been sent."""
+        return self._final_sent
+
+    def time_left(self) -> float:
+        """Seconds until the caller stops waiting."""
+        return max(0.0, self.deadline - time.monotonic())
+
+    async def array(self, name: str) -> np.ndarray:
+        """The input ``name`` as an array; a missing input is a BadInputError for the caller."""
+        tensor = self.inputs.get(name)
+        if tensor is None:
+            have = ", ".join(sorted(self.inputs)) or "none"
+            raise BadInputError(f"missing input {name!r} (inputs given: {have})")
+        return await tensor.array()
+
+    async def respond(
+        self,
+        outputs: Mapping[str, TensorLike] | None = None,
+        *,
+        parameters: Mapping[str, Any] | None = None,
+        final: bool = True,
+    ) -> None:
+        """Send a response; several non-final ones may precede the final one."""
+        self._check_open()
+        if final:
+            self._final_sent = True
+        await self._responder(outputs or {}, parameters or {}, final, None)
+
+    async def fail(self, message: str, code: str = "operator_failed") -> None:
+        """Answer the request with an error; this is its final response."""
+        self._check_open()
+        self._final_sent = True
+        await self._responder({}, {}, True, (code, message))
+
+    def _check_open(self) -> None:
+        if self._final_sent:
+            raise RuntimeError(f"request {self.id} already has its final response")
+
+
+class Response:
+    """One response received from an operator."""
+
+    def __init__(
+        self,
+        request_id: str,
+        outputs: dict[str, Tensor],
+        parameters: dict[str, Any],
+        final: bool,
+        worker: str | None,
+    ):
+        self.request_id = request_id
+        self.outputs = outputs
+        self.parameters = parameters
+        self.final = final
+        self.worker = worker
+
+    async def array(self, name: str) -> np.ndarray:
+        """The output ``name`` as an array."""
+        tensor = self.outputs.get(name)
+        if tensor is None:
+            have = ", ".join(sorted(self.outputs)) or "none"
+            raise OperatorError("response", "missing_output", f"no output {name!r} (outputs: {have})")
+        return await tensor.array()
+
+
+class Operator(ABC):
+    """Base class of Python operators. Subclass it and implement :meth:`execute`."""
+
+    def __init__(self, context: OperatorContext):
+        self.context = context
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        """The operator's ``parameters`` from the deployment file."""
+        return self.context.parameters
+
+    @property
+    def logger(self) -> logging.Logger:
+        return self.context.logger
+
+    async def setup(self) -> None:
+        """Called once in the worker before it serves requests (load models, open handles)."""
+
+    @abstractmethod
+    async def execute(self, requests: list[Request]) -> None:
+        """Answer every request in ``requests``; each gets a final response or an error.
+
+        Raise :class:`~pipeline_runner.errors.BadInputError` for input the operator cannot take;
+        any other exception fails the unanswered requests of the batch with its message.
+        """
+
+    async def teardown(self) -> None:
+        """Called once when the worker stops, after in-flight requests finished."""

@@ -1,0 +1,147 @@
+"""Calling operators: :class:`Connection` to a deployment and :class:`RemoteOperator` handles."""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from .errors import OperatorError, RequestTimeoutError, RunnerError
+from .operator import Response
+from .protocol import RequestHeader, encode_message
+from .request_plane import RequestPlane, operator_subject
+from .tensor import TensorLike, decode_tensors, encode_tensors
+
+DEFAULT_TIMEOUT_S = 30.0
+
+# Set by the worker while an operator handles requests, so downstream calls inherit the deadline.
+current_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "pipeline_runner_deadline", default=None
+)
+_default_connection: Connection | None = None
+
+
+class Connection:
+    """A connection to one deployment's request plane."""
+
+    def __init__(self, plane: RequestPlane, deployment: str, default_timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.plane = plane
+        self.deployment = deployment
+        self.default_timeout_s = default_timeout_s
+
+    @classmethod
+    async def connect(
+        cls,
+        nats_url: str,
+        deployment: str,
+        *,
+        default_timeout_s: float = DEFAULT_TIMEOUT_S,
+        client_name: str = "pipeline_runner-client",
+    ) -> Connection:
+        """Connect to the NATS server of ``deployment``."""
+        plane = await RequestPlane.connect(nats_url, name=client_name)
+        return cls(plane, deployment, default_timeout_s)
+
+    def operator(self, name: str, version: int = 1) -> RemoteOperator:
+        """A handle on operator ``name`` at ``version``."""
+        return RemoteOperator(name, version, connection=self)
+
+    async def close(self) -> None:
+        await self.plane.close()
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def set_default_connection(connection: Connection | None) -> None:
+    """Make ``connection`` the one RemoteOperator handles use when given none (set by workers)."""
+    global _default_connection
+    _default_connection = connection
+
+
+class RemoteOperator:
+    """An async handle on another operator: ``async for response in op.call(inputs): ...``.
+
+    Inside a worker the handle uses the worker's connection and inherits the deadline of the
+    request being served; elsewhere pass ``connection=``.
+    """
+
+    def __init__(self, name: str, version: int = 1, *, connection: Connection | None = None):
+        self.name = name
+        self.version = version
+        self._connection = connection
+
+    @property
+    def connection(self) -> Connection:
+        connection = self._connection or _default_connection
+        if connection is None:
+            raise RunnerError(
+                f"RemoteOperator({self.name!r}) has no connection: pass connection= "
+                "outside a worker (see Connection.connect)"
+            )
+        return connection
+
+    def _timeout(self, timeout_s: float | None) -> float:
+        if timeout_s is not None:
+            return timeout_s
+        inherited = current_deadline.get()
+        if inherited is not None:
+            return max(inherited - time.monotonic(), 0.001)
+        return self.connection.default_timeout_s
+
+    async def call(
+        self,
+        inputs: Mapping[str, TensorLike] | None = None,
+        *,
+        parameters: Mapping[str, Any] | None = None,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[Response]:
+        """Send a request and yield its responses; the last one yielded is final.
+
+        Raises :class:`OperatorError` when the operator answers with an error and
+        :class:`RequestTimeoutError` when no final response arrives in time.
+        """
+        connection = self.connection
+        plane = connection.plane
+        subject = operator_subject(connection.deployment, self.name, self.version)
+        descriptors, buffers = encode_tensors(inputs or {})
+        async with plane.open_stream(self._timeout(timeout_s)) as stream:
+            header = RequestHeader(
+                id=stream.request_id,
+                reply_to=stream.reply_to,
+                timeout_s=stream.timeout_s,
+                parameters=dict(parameters or {}),
+                tensors=descriptors,
+            )
+            await stream.send(subject, encode_message(header, buffers))
+            try:
+                async for response, body in stream:
+                    if response.error is not None:
+                        raise OperatorError(self.name, response.error.code, response.error.message)
+                    yield Response(
+                        response.id,
+                        decode_tensors(response.tensors, body),
+                        response.parameters,
+                        response.final,
+                        response.worker,
+                    )
+            except RequestTimeoutError as exc:
+                raise RequestTimeoutError(f"operator {self.name!r} (v{self.version}): {exc}") from None
+
+    async def infer(
+        self,
+        inputs: Mapping[str, TensorLike] | None = None,
+        *,
+        parameters: Mapping[str, Any] | None = None,
+        timeout_s: float | None = None,
+    ) -> Response:
+        """Send a request and return its final response (earlier streamed ones are dropped)."""
+        final: Response | None = None
+        async for response in self.call(inputs, parameters=parameters, timeout_s=timeout_s):
+            final = response
+        assert final is not None  # the stream only ends after a final response
+        return final

@@ -1,0 +1,236 @@
+"""The NATS request plane: subjects, request/response streams and serving.
+
+It moves framed messages (see :mod:`pipeline_runner.protocol`) and knows request ids, reply
+subjects and deadlines, but nothing about tensors or operators.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import TracebackType
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from .errors import PayloadTooLargeError, ProtocolError, RequestTimeoutError, RunnerError
+from .protocol import ResponseHeader, decode_response
+
+log = logging.getLogger(__name__)
+
+SUBJECT_PREFIX = "pr"
+_NO_RESPONDERS = "503"
+# Backoff while nobody serves a subject (workers starting or restarting): short first, then capped.
+_RETRY_FIRST_S = 0.02
+_RETRY_MAX_S = 0.5
+
+
+def operator_subject(deployment: str, operator: str, version: int) -> str:
+    """The subject workers of ``operator`` (of ``deployment``, at ``version``) listen on."""
+    return f"{SUBJECT_PREFIX}.{deployment}.{operator}.v{version}"
+
+
+def queue_group(deployment: str, operator: str, version: int) -> str:
+    """The queue group shared by all workers of one operator version."""
+    return f"{deployment}.{operator}.v{version}"
+
+
+class RequestPlane:
+    """One NATS connection used both to call operators and to serve them."""
+
+    def __init__(self, nc: NATS):
+        self._nc = nc
+        self._inbox_prefix = f"_INBOX.{secrets.token_hex(8)}"
+        self._inbox_sub: Subscription | None = None
+        self._streams: dict[str, ResponseStream] = {}
+
+    @classmethod
+    async def connect(
+        cls, url: str, *, name: str, connect_timeout_s: float = 5.0
+    ) -> RequestPlane:
+        """Connect to NATS at ``url``; reconnects forever after the first success."""
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("NATS error: %s", exc)
+
+        connected: list[NATS] = []
+
+        async def on_disconnect() -> None:
+            if connected and not (connected[0].is_draining or connected[0].is_closed):
+                log.warning("disconnected from NATS")
+
+        async def on_reconnect() -> None:
+            log.info("reconnected to NATS")
+
+        try:
+            nc = await nats.connect(
+                servers=[url],
+                name=name,
+                connect_timeout=connect_timeout_s,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                error_cb=on_error,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+            )
+        except Exception as exc:  # nats-py raises several unrelated types here
+            raise RunnerError(f"cannot connect to NATS at {url}: {exc or type(exc).__name__}") from None
+        connected.append(nc)
+        plane = cls(nc)
+        plane._inbox_sub = await nc.subscribe(f"{plane._inbox_prefix}.*", cb=plane._on_response)
+        return plane
+
+    @property
+    def nats(self) -> NATS:
+        return self._nc
+
+    @property
+    def max_payload(self) -> int:
+        return self._nc.max_payload
+
+    async def close(self) -> None:
+        """Drain subscriptions and close the connection."""
+        if self._nc.is_closed:
+            return
+        try:
+            await asyncio.wait_for(self._nc.drain(), timeout=5.0)
+        except Exception:  # already closing, or the server is gone
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+
+    async def __aenter__(self) -> RequestPlane:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- calling --------------------------------------------------------------------------
+
+    def open_stream(self, timeout_s: float) -> ResponseStream:
+        """A stream for one request's responses, with a fresh id and reply subject."""
+        request_id = secrets.token_hex(12)
+        stream = ResponseStream(self, request_id, f"{self._inbox_prefix}.{request_id}", timeout_s)
+        self._streams[request_id] = stream
+        return stream
+
+    def _forget(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+
+    async def _on_response(self, msg: Msg) -> None:
+        request_id = msg.subject.rsplit(".", 1)[-1]
+        stream = self._streams.get(request_id)
+        if stream is not None:  # else: a late answer to a finished request; dropped on purpose
+            stream._deliver(msg)
+
+    # --- serving --------------------------------------------------------------------------
+
+    async def serve(
+        self, subject: str, queue: str, handler: Callable[[Msg], Awaitable[None]]
+    ) -> Subscription:
+        """Subscribe ``handler`` to ``subject`` in ``queue``; returns once the server knows it."""
+        sub = await self._nc.subscribe(
+            subject,
+            queue=queue,
+            cb=handler,
+            pending_msgs_limit=1_000_000,
+            pending_bytes_limit=1 << 30,
+        )
+        await self._nc.flush(timeout=5)
+        return sub
+
+    async def publish(self, subject: str, payload: bytes, reply: str = "") -> None:
+        """Publish ``payload``; too large a payload fails at once with PayloadTooLargeError."""
+        self.check_payload(len(payload))
+        await self._nc.publish(subject, payload, reply=reply)
+
+    def check_payload(self, size: int, what: str = "message") -> None:
+        if size > self._nc.max_payload:
+            raise PayloadTooLargeError(
+                f"{what} of {size} bytes exceeds the NATS max payload of {self._nc.max_payload} bytes"
+            )
+
+
+class ResponseStream:
+    """Responses to one request, in order, ending with the final one or at the deadline."""
+
+    def __init__(self, plane: RequestPlane, request_id: str, reply_to: str, timeout_s: float):
+        self._plane = plane
+        self.request_id = request_id
+        self.reply_to = reply_to
+        self.timeout_s = timeout_s
+        self.deadline = time.monotonic() + timeout_s
+        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._subject = ""
+        self._payload = b""
+        self._done = False
+
+    def time_left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def _deliver(self, msg: Msg) -> None:
+        self._queue.put_nowait(msg)
+
+    async def send(self, subject: str, payload: bytes) -> None:
+        """Publish the request (kept so it can be re-sent while nobody serves the subject)."""
+        self._subject, self._payload = subject, payload
+        await self._plane.publish(subject, payload, reply=self.reply_to)
+
+    def close(self) -> None:
+        self._done = True
+        self._plane._forget(self.request_id)
+
+    async def __aenter__(self) -> ResponseStream:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __aiter__(self) -> AsyncIterator[tuple[ResponseHeader, memoryview]]:
+        return self._responses()
+
+    async def _responses(self) -> AsyncIterator[tuple[ResponseHeader, memoryview]]:
+        retry_s = _RETRY_FIRST_S
+        nobody_serves = False
+        try:
+            while not self._done:
+                left = self.time_left()
+                try:
+                    if left <= 0:
+                        raise TimeoutError
+                    msg = await asyncio.wait_for(self._queue.get(), timeout=left)
+                except TimeoutError:
+                    raise RequestTimeoutError(self._timeout_message(nobody_serves)) from None
+                if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
+                    # Nobody received it, so sending again is safe: wait for a worker to appear.
+                    nobody_serves = True
+                    await asyncio.sleep(min(retry_s, self.time_left()))
+                    retry_s = min(retry_s * 2, _RETRY_MAX_S)
+                    if self.time_left() > 0:
+                        await self._plane.publish(self._subject, self._payload, reply=self.reply_to)
+                    continue
+                try:
+                    header, body = decode_response(msg.data)
+                except ProtocolError as exc:
+                    raise ProtocolError(f"malformed response on {self._subject}: {exc}") from None
+                if header.final:
+                    self._done = True
+                yield header, body
+        finally:
+            self.close()
+
+    def _timeout_message(self, nobody_serves: bool) -> str:
+        why = (
+            "no worker is serving this subject"
+            if nobody_serves
+            else "no final response arrived"
+        )
+        return f"request to {self._subject} timed out after {self.timeout_s:g} s: {why}"

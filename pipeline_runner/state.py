@@ -1,0 +1,127 @@
+"""State files that let ``runner client`` find a deployment running on this machine."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from .errors import RunnerError
+
+STATE_DIR_ENV = "PIPELINE_RUNNER_STATE_DIR"
+
+
+class WorkerState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    operator: str
+    index: int
+    pid: int | None
+    log_file: str
+    restarts: int = 0
+
+
+class DeploymentState(BaseModel):
+    """What ``runner deploy`` publishes about itself while it runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    file: str
+    pid: int
+    nats_url: str
+    nats_pid: int | None = None
+    log_dir: str
+    started_at: float
+    workers: list[WorkerState] = []
+
+
+def state_dir() -> Path:
+    """``$PIPELINE_RUNNER_STATE_DIR``, else ``$XDG_STATE_HOME/pipeline_runner`` (~/.local/state)."""
+    explicit = os.environ.get(STATE_DIR_ENV)
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "pipeline_runner"
+
+
+def state_file(name: str) -> Path:
+    return state_dir() / "deployments" / f"{name}.json"
+
+
+def write_state(state: DeploymentState) -> None:
+    """Write atomically, so a reader never sees half a file."""
+    path = state_file(state.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(state.model_dump_json(indent=2))
+    tmp.replace(path)
+
+
+def remove_state(name: str, pid: int) -> None:
+    """Remove the state file of ``name`` if it is still the one written by ``pid``."""
+    path = state_file(name)
+    with contextlib.suppress(OSError, ValueError):
+        if DeploymentState.model_validate_json(path.read_text()).pid == pid:
+            path.unlink()
+
+
+def is_running(pid: int) -> bool:
+    """True if a process with ``pid`` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    return True
+
+
+def running_deployments() -> list[DeploymentState]:
+    """Deployments whose ``runner deploy`` process is alive, newest first."""
+    found: list[DeploymentState] = []
+    for path in sorted((state_dir() / "deployments").glob("*.json")):
+        with contextlib.suppress(OSError, ValueError):
+            state = DeploymentState.model_validate_json(path.read_text())
+            if is_running(state.pid):
+                found.append(state)
+    return sorted(found, key=lambda s: s.started_at, reverse=True)
+
+
+def find_deployment(name: str | None = None) -> DeploymentState:
+    """The running deployment called ``name``, or the only one running."""
+    running = running_deployments()
+    if name is not None:
+        for state in running:
+            if state.name == name:
+                return state
+        raise RunnerError(
+            f"no running deployment named {name!r} on this machine "
+            f"(state directory {state_dir()}); start one with 'runner deploy FILE' or pass --nats"
+        )
+    if not running:
+        raise RunnerError(
+            "no running deployment found on this machine; start one with "
+            "'runner deploy deployments/hello_world.yaml', or pass --nats URL --deployment NAME"
+        )
+    if len(running) > 1:
+        names = ", ".join(s.name for s in running)
+        raise RunnerError(f"several deployments are running ({names}); choose one with --deployment")
+    return running[0]
+
+
+def wait_for_deployment(name: str, timeout_s: float) -> DeploymentState:
+    """Poll until deployment ``name`` has written its state (used by tests and scripts)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(RunnerError):
+            return find_deployment(name)
+        if time.monotonic() > deadline:
+            raise RunnerError(f"deployment {name!r} did not come up within {timeout_s:g} s")
+        time.sleep(0.05)

@@ -1,0 +1,260 @@
+"""A worker process: loads one operator and serves its subject on the request plane.
+
+Started by :class:`~pipeline_runner.deployment.Deployment` as ``python -m pipeline_runner.worker``
+with a :class:`WorkerSpec` on stdin. It reports ``ready`` (or why it failed) on the file
+descriptor named by ``PIPELINE_RUNNER_STATUS_FD``, and on SIGTERM stops taking requests, finishes
+the ones in flight and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from nats.aio.msg import Msg
+from pydantic import BaseModel, ConfigDict
+
+from .config import OperatorConfig
+from .errors import BadInputError, OperatorError, ProtocolError, RunnerError
+from .loader import load_operator_class
+from .operator import Operator, OperatorContext, Request
+from .protocol import ErrorInfo, ResponseHeader, decode_request, encode_message
+from .remote import Connection, current_deadline, set_default_connection
+from .request_plane import RequestPlane, operator_subject, queue_group
+from .tensor import TensorLike, decode_tensors, encode_tensors
+
+STATUS_FD_ENV = "PIPELINE_RUNNER_STATUS_FD"
+log = logging.getLogger("pipeline_runner.worker")
+
+
+class WorkerSpec(BaseModel):
+    """Everything a worker process needs to know, sent by the deployment on stdin."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    deployment: str
+    operator: OperatorConfig
+    index: int
+    nats_url: str
+    root: str
+    log_level: str = "INFO"
+    request_timeout_s: float = 30.0
+    drain_timeout_s: float = 30.0
+    parent_pid: int | None = None
+
+    @property
+    def worker_id(self) -> str:
+        return f"{self.operator.name}.{self.index}"
+
+
+class Worker:
+    """Serves one operator: pulls requests, runs batches, sends responses."""
+
+    def __init__(self, spec: WorkerSpec, operator: Operator, plane: RequestPlane):
+        self.spec = spec
+        self.operator = operator
+        self.plane = plane
+        op = spec.operator
+        self._subject = operator_subject(spec.deployment, op.name, op.version)
+        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._slots = asyncio.Semaphore(op.max_inflight_requests)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self.served = 0
+
+    async def serve(self, on_ready: Any = None) -> None:
+        """Serve until SIGTERM/SIGINT, then drain in-flight requests and return."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        op = self.spec.operator
+        sub = await self.plane.serve(
+            self._subject, queue_group(self.spec.deployment, op.name, op.version), self._on_message
+        )
+        dispatcher = asyncio.create_task(self._dispatch())
+        log.info("serving %s as %s", self._subject, self.spec.worker_id)
+        if on_ready:
+            on_ready()
+        await self._stopping.wait()
+        log.info("stopping: draining %d queued and %d running batches", self._queue.qsize(), len(self._tasks))
+        with contextlib.suppress(Exception):
+            await sub.drain()  # no new requests; ones already buffered still reach _on_message
+        deadline = time.monotonic() + self.spec.drain_timeout_s
+        while (self._queue.qsize() or self._tasks) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        dispatcher.cancel()
+        log.info("stopped after serving %d requests", self.served)
+
+    async def _on_message(self, msg: Msg) -> None:
+        self._queue.put_nowait(msg)
+
+    async def _dispatch(self) -> None:
+        max_batch = self.spec.operator.max_batch_size
+        while True:
+            msg = await self._queue.get()
+            await self._slots.acquire()
+            batch = [msg]
+            while len(batch) < max_batch and not self._queue.empty() and not self._slots.locked():
+                await self._slots.acquire()
+                batch.append(self._queue.get_nowait())
+            task = asyncio.create_task(self._run_batch(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run_batch(self, messages: list[Msg]) -> None:
+        try:
+            requests = [request for m in messages if (request := await self._decode(m)) is not None]
+            if requests:
+                await self._execute(requests)
+        except Exception:  # a bug here must not kill the dispatcher or leak slots
+            log.exception("internal error while serving a batch")
+        finally:
+            for _ in messages:
+                self._slots.release()
+
+    async def _decode(self, msg: Msg) -> Request | None:
+        try:
+            header, body = decode_request(msg.data)
+            inputs = decode_tensors(header.tensors, body)
+        except ProtocolError as exc:
+            log.warning("rejected malformed request on %s: %s", msg.subject, exc)
+            if msg.reply:
+                await self._send(msg.reply, "", {}, {}, True, ("bad_request", str(exc)))
+            return None
+        deadline = time.monotonic() + header.timeout_s
+
+        async def responder(
+            outputs: Mapping[str, TensorLike],
+            parameters: Mapping[str, Any],
+            final: bool,
+            error: tuple[str, str] | None,
+        ) -> None:
+            await self._send(header.reply_to, header.id, outputs, parameters, final, error)
+
+        return Request(header.id, header.parameters, inputs, deadline, responder)
+
+    async def _execute(self, requests: list[Request]) -> None:
+        token = current_deadline.set(max(r.deadline for r in requests))
+        try:
+            await self.operator.execute(requests)
+        except BadInputError as exc:
+            await self._fail_unanswered(requests, "bad_input", str(exc))
+        except OperatorError as exc:  # a downstream operator's error keeps its code
+            await self._fail_unanswered(requests, exc.code, str(exc))
+        except Exception as exc:
+            log.exception("operator %s raised", self.spec.operator.name)
+            await self._fail_unanswered(requests, "operator_failed", f"{type(exc).__name__}: {exc}")
+        else:
+            await self._fail_unanswered(
+                requests, "no_response", "the operator returned without a final response"
+            )
+        finally:
+            current_deadline.reset(token)
+            self.served += len(requests)
+
+    async def _fail_unanswered(self, requests: list[Request], code: str, message: str) -> None:
+        for request in requests:
+            if not request.answered:
+                with contextlib.suppress(Exception):
+                    await request.fail(message, code)
+
+    async def _send(
+        self,
+        reply_to: str,
+        request_id: str,
+        outputs: Mapping[str, TensorLike],
+        parameters: Mapping[str, Any],
+        final: bool,
+        error: tuple[str, str] | None,
+    ) -> None:
+        descriptors, buffers = encode_tensors(outputs)
+        header = ResponseHeader(
+            id=request_id,
+            final=final,
+            error=ErrorInfo(code=error[0], message=error[1]) if error else None,
+            parameters=dict(parameters),
+            tensors=descriptors,
+            worker=self.spec.worker_id,
+        )
+        await self.plane.publish(reply_to, encode_message(header, buffers))
+
+
+# --- process entry point -----------------------------------------------------------------
+
+
+def _die_with_parent(parent_pid: int | None) -> None:
+    """Ask Linux to SIGTERM us when the deployment process dies, so no worker is orphaned."""
+    if parent_pid is None or not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _report(event: str, **fields: Any) -> None:
+    fd = os.environ.get(STATUS_FD_ENV)
+    if not fd:
+        return
+    with contextlib.suppress(OSError):
+        os.write(int(fd), (json.dumps({"event": event, **fields}) + "\n").encode())
+
+
+async def run_worker(spec: WorkerSpec) -> None:
+    """Load the operator, connect, serve until told to stop."""
+    op = spec.operator
+    operator_cls = load_operator_class(op.implementation, Path(spec.root))
+    plane = await RequestPlane.connect(spec.nats_url, name=f"{spec.deployment}.{spec.worker_id}")
+    set_default_connection(Connection(plane, spec.deployment, spec.request_timeout_s))
+    context = OperatorContext(
+        deployment=spec.deployment,
+        operator=op.name,
+        version=op.version,
+        worker=spec.worker_id,
+        parameters=dict(op.parameters),
+        logger=logging.getLogger(f"operator.{op.name}"),
+    )
+    operator = operator_cls(context)
+    await operator.setup()
+    worker = Worker(spec, operator, plane)
+    try:
+        await worker.serve(on_ready=lambda: _report("ready", pid=os.getpid()))
+    finally:
+        with contextlib.suppress(Exception):
+            await operator.teardown()
+        await plane.close()
+
+
+def main() -> int:
+    spec = WorkerSpec.model_validate_json(sys.stdin.read())
+    _die_with_parent(spec.parent_pid)
+    logging.basicConfig(
+        level=spec.operator.log_level or spec.log_level,
+        format=f"%(asctime)s %(levelname)s [{spec.worker_id} pid={os.getpid()}] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        asyncio.run(run_worker(spec))
+    except RunnerError as exc:
+        log.error("%s", exc)
+        _report("failed", error=str(exc))
+        return 3
+    except Exception as exc:
+        log.exception("worker failed")
+        _report("failed", error=f"{type(exc).__name__}: {exc}")
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
