@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="request parameter (VALUE parsed as JSON if it can be); repeatable")
     p.add_argument("--no-check", action="store_true", help="do not compare outputs with inputs")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--wait", type=float, default=0.0, metavar="S", help="wait up to S seconds for the deployment to come up")
     p.set_defaults(func=_cmd_client)
 
     p = sub.add_parser("validate", help="check a deployment file and print it normalized")
@@ -232,14 +233,14 @@ def _parse_params(pairs: list[str]) -> dict[str, Any]:
 async def _client(args: argparse.Namespace) -> int:
     from .client import make_inputs, run_load_test
     from .remote import Connection
-    from .state import find_deployment
+    from .state import find_deployment, wait_for_deployment
 
     parameters = _parse_params(args.param)
     deployment = args.deployment
     nats_url = args.nats
     if nats_url is None or deployment is None:
         try:
-            state = find_deployment(deployment)
+            state = wait_for_deployment(deployment, args.wait) if args.wait else find_deployment(deployment)
         except RunnerError:
             if nats_url is None:
                 raise

@@ -9,8 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
-from pydantic_core import PydanticCustomError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 # Names end up in NATS subjects, so no dots, spaces, wildcards or '>'.
 Name = Annotated[
@@ -26,16 +34,24 @@ Name = Annotated[
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
-def _located_error(
-    error_type: str, message: str, *, expected: str, at: tuple[str | int, ...] = (), **ctx: Any
-) -> PydanticCustomError:
-    """A validation error that says precisely where it is and what was expected.
+def _rule_error(error_type: str, message: str, *, requirement: str, **ctx: Any) -> PydanticCustomError:
+    """An error of a rule the JSON Schema cannot express.
 
-    Validators that check more than one field can only raise at their own location; ``at``
-    extends it to the offending value (e.g. ``(2, "name")`` below ``operators``). ``expected``
-    is the "must be ..." phrase the deployment file loader shows next to the value as written.
+    ``requirement`` is the "must be ..." phrase the deployment file loader shows next to the value
+    as written; the loader reports these errors alongside the JSON Schema's findings.
     """
-    return PydanticCustomError(error_type, message, {"expected": expected, "at": at, **ctx})
+    return PydanticCustomError(error_type, message, {"requirement": requirement, **ctx})
+
+
+def _error_details(exc: ValidationError) -> list[InitErrorDetails]:
+    """``exc``'s errors in a form that can be raised again together with others."""
+    details: list[InitErrorDetails] = []
+    for error in exc.errors():
+        ctx = error.get("ctx", {})
+        # Built-in error types come with a documentation URL; ours must be rebuilt as custom.
+        kind = error["type"] if "url" in error else PydanticCustomError(error["type"], error["msg"], ctx)
+        details.append(InitErrorDetails(type=kind, loc=error["loc"], input=error["input"], ctx=ctx))
+    return details
 
 
 class _Model(BaseModel):
@@ -78,7 +94,7 @@ class OperatorConfig(_Model):
         ),
     )
     version: int = Field(1, ge=1, description="Part of the operator's subject; callers ask for a version.")
-    workers: int = Field(1, ge=1, le=1024, description="Number of worker processes.")
+    workers: int = Field(1, ge=1, description="Number of worker processes.")
     max_inflight_requests: int = Field(
         16, ge=1, le=100_000, description="Requests one worker serves concurrently."
     )
@@ -94,12 +110,37 @@ class OperatorConfig(_Model):
     @classmethod
     def _kind_is_available(cls, kind: str) -> str:
         if kind == "triton":
-            raise _located_error(
+            raise _rule_error(
                 "kind_reserved",
                 "kind 'triton' is reserved and not available in this version; use 'python'",
-                expected="must be 'python' ('triton' is reserved and not available in this version)",
+                requirement="must be 'python' ('triton' is reserved and not available in this version)",
             )
         return kind
+
+
+def _duplicate_names(operators: Any) -> list[InitErrorDetails]:
+    """An error for each operator (dict or model) named like an earlier one."""
+    if not isinstance(operators, list):
+        return []
+    first_index: dict[str, int] = {}
+    duplicates: list[InitErrorDetails] = []
+    for index, op in enumerate(operators):
+        name = op.get("name") if isinstance(op, dict) else getattr(op, "name", None)
+        if not isinstance(name, str):
+            continue
+        if name not in first_index:
+            first_index[name] = index
+            continue
+        first = first_index[name]
+        error = _rule_error(
+            "duplicate_operator_name",
+            "operator name '{name}' is already used by operators[{first}]",
+            requirement=f"must be unique among operators (operators[{first}] has the same name)",
+            name=name,
+            first=first,
+        )
+        duplicates.append(InitErrorDetails(type=error, loc=(index, "name"), input=name))
+    return duplicates
 
 
 class DeploymentConfig(_Model):
@@ -122,24 +163,22 @@ class DeploymentConfig(_Model):
 
     _source: Path | None = PrivateAttr(None)
 
-    @field_validator("operators")
+    @field_validator("operators", mode="wrap")
     @classmethod
-    def _operator_names_are_unique(cls, operators: list[OperatorConfig]) -> list[OperatorConfig]:
-        first_index: dict[str, int] = {}
-        for index, op in enumerate(operators):
-            if op.name in first_index:
-                first = first_index[op.name]
-                raise _located_error(
-                    "duplicate_operator_name",
-                    "operator name '{name}' is used by operators[{first}] and operators[{index}]",
-                    expected=f"must be unique among operators (operators[{first}] has the same name)",
-                    at=(index, "name"),
-                    name=op.name,
-                    first=first,
-                    index=index,
-                )
-            first_index[op.name] = index
-        return operators
+    def _operator_names_are_unique(
+        cls, operators: Any, handler: ValidatorFunctionWrapHandler
+    ) -> list[OperatorConfig]:
+        # Wraps the list's own validation so that a duplicate is reported at the duplicate's
+        # name, together with whatever else is wrong with the operators.
+        duplicates = _duplicate_names(operators)
+        if not duplicates:
+            return handler(operators)
+        details: list[InitErrorDetails] = []
+        try:
+            handler(operators)
+        except ValidationError as exc:
+            details = _error_details(exc)
+        raise ValidationError.from_exception_data(cls.__name__, details + duplicates)
 
     @property
     def source(self) -> Path | None:

@@ -56,8 +56,14 @@ class RequestPlane:
     ) -> RequestPlane:
         """Connect to NATS at ``url``; reconnects forever after the first success."""
 
+        last_error = ""
+
         async def on_error(exc: Exception) -> None:
-            log.warning("NATS error: %s", exc)
+            # While the server is away every reconnect attempt fails the same way: say it once.
+            nonlocal last_error
+            text = str(exc) or type(exc).__name__
+            log.log(logging.DEBUG if text == last_error else logging.WARNING, "NATS error: %s", text)
+            last_error = text
 
         connected: list[NATS] = []
 
@@ -66,6 +72,8 @@ class RequestPlane:
                 log.warning("disconnected from NATS")
 
         async def on_reconnect() -> None:
+            nonlocal last_error
+            last_error = ""
             log.info("reconnected to NATS")
 
         try:
@@ -95,15 +103,19 @@ class RequestPlane:
     def max_payload(self) -> int:
         return self._nc.max_payload
 
-    async def close(self) -> None:
-        """Drain subscriptions and close the connection."""
+    async def close(self, timeout_s: float = 2.0) -> None:
+        """Drain subscriptions and close the connection (at once when NATS is unreachable)."""
         if self._nc.is_closed:
             return
         try:
-            await asyncio.wait_for(self._nc.drain(), timeout=5.0)
+            if not self._nc.is_connected:
+                raise ConnectionError("not connected")
+            await asyncio.wait_for(self._nc.drain(), timeout=timeout_s)
         except Exception:  # already closing, or the server is gone
+            pass
+        if not self._nc.is_closed:
             with contextlib.suppress(Exception):
-                await self._nc.close()
+                await asyncio.wait_for(self._nc.close(), timeout=1.0)
 
     async def __aenter__(self) -> RequestPlane:
         return self
@@ -144,6 +156,16 @@ class RequestPlane:
         )
         await self._nc.flush(timeout=5)
         return sub
+
+    async def stop_serving(self, sub: Subscription, timeout_s: float = 2.0) -> None:
+        """Stop taking new messages; ones already buffered are still handed to the callback."""
+        try:
+            if not self._nc.is_connected:
+                raise ConnectionError("not connected")
+            await asyncio.wait_for(sub.drain(), timeout=timeout_s)
+        except Exception:  # NATS is away: nothing more can arrive anyway
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     async def publish(self, subject: str, payload: bytes, reply: str = "") -> None:
         """Publish ``payload``; too large a payload fails at once with PayloadTooLargeError."""

@@ -116,12 +116,13 @@ def find_deployment(name: str | None = None) -> DeploymentState:
     return running[0]
 
 
-def wait_for_deployment(name: str, timeout_s: float) -> DeploymentState:
-    """Poll until deployment ``name`` has written its state (used by tests and scripts)."""
+def wait_for_deployment(name: str | None, timeout_s: float) -> DeploymentState:
+    """Poll until deployment ``name`` (or the only one) is running here."""
     deadline = time.monotonic() + timeout_s
     while True:
-        with contextlib.suppress(RunnerError):
+        try:
             return find_deployment(name)
-        if time.monotonic() > deadline:
-            raise RunnerError(f"deployment {name!r} did not come up within {timeout_s:g} s")
+        except RunnerError as exc:
+            if time.monotonic() > deadline:
+                raise RunnerError(f"after waiting {timeout_s:g} s: {exc}") from None
         time.sleep(0.05)

@@ -87,8 +87,7 @@ class Worker:
             on_ready()
         await self._stopping.wait()
         log.info("stopping: draining %d queued and %d running batches", self._queue.qsize(), len(self._tasks))
-        with contextlib.suppress(Exception):
-            await sub.drain()  # no new requests; ones already buffered still reach _on_message
+        await self.plane.stop_serving(sub)
         deadline = time.monotonic() + self.spec.drain_timeout_s
         while (self._queue.qsize() or self._tasks) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)

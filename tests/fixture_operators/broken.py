@@ -1,0 +1,3 @@
+"""An operator module that cannot be imported."""
+
+raise RuntimeError("this module refuses to load")

@@ -1,0 +1,71 @@
+"""Operators used by the tests: each does one observable thing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import numpy as np
+
+from pipeline_runner import BadInputError, Operator, Request
+
+
+class Echo(Operator):
+    """Returns every input as an output of the same name, and its parameters back."""
+
+    async def execute(self, requests: list[Request]) -> None:
+        for request in requests:
+            delay = request.parameters.get("sleep", 0)
+            if delay:
+                await asyncio.sleep(delay)
+            await request.respond(
+                request.inputs,
+                parameters={**request.parameters, "pid": os.getpid(), "worker": self.context.worker},
+            )
+
+
+class Stream(Operator):
+    """Sends ``count`` responses, each with ``index``; only the last is final."""
+
+    async def execute(self, requests: list[Request]) -> None:
+        for request in requests:
+            count = int(request.parameters.get("count", 3))
+            for index in range(count):
+                await request.respond(
+                    {"index": np.array([index], dtype=np.int64)}, final=index == count - 1
+                )
+
+
+class Faulty(Operator):
+    """Misbehaves as the ``mode`` parameter says."""
+
+    async def execute(self, requests: list[Request]) -> None:
+        for request in requests:
+            mode = request.parameters.get("mode")
+            if mode == "bad_input":
+                raise BadInputError("input 'x' must be float32")
+            if mode == "raise":
+                raise ValueError("something broke inside the operator")
+            if mode == "forget":
+                continue  # returns without answering
+            if mode == "exit":
+                os._exit(17)
+            await request.respond({"ok": np.array([1], dtype=np.int8)})
+
+
+class WrongAnswer(Operator):
+    """Answers ``output = input + 1``: a pipeline whose results a client must reject."""
+
+    async def execute(self, requests: list[Request]) -> None:
+        for request in requests:
+            x = await request.array("input")
+            await request.respond({"output": x + 1})
+
+
+class Batched(Operator):
+    """Reports the size of the batch each request was served in."""
+
+    async def execute(self, requests: list[Request]) -> None:
+        await asyncio.sleep(0.05)
+        for request in requests:
+            await request.respond(parameters={"batch": len(requests)})

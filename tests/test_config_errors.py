@@ -1,0 +1,376 @@
+"""What `runner` says about a bad deployment file.
+
+Every problem is one line: ``<file>:<line>: <key path>: <what was expected>, got <value as written>``.
+All problems of a file are reported together, sorted by line, in one ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pipeline_runner.config_loader import load_deployment, parse_deployment
+from pipeline_runner.errors import ConfigError
+
+FILE = "hello_world.yaml"
+WriteDeployment = Callable[[str], str]
+
+HEADER = """\
+name: hello_world
+operators:
+  - name: encoder
+    implementation: ops.encoder:Encoder
+"""
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> WriteDeployment:
+    """Writes ``hello_world.yaml`` next to an ``ops`` package and returns the name to load it by."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ops").mkdir()
+    (tmp_path / "ops" / "__init__.py").write_text("")
+    (tmp_path / "ops" / "encoder.py").write_text("class Encoder: ...\n")
+
+    def write(text: str) -> str:
+        (tmp_path / FILE).write_text(textwrap.dedent(text))
+        return FILE
+
+    return write
+
+
+def problems_of(path: str | Path) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_deployment(path)
+    assert str(caught.value) == "\n".join(caught.value.problems)
+    return caught.value.problems
+
+
+# --- values of the wrong type or out of range -------------------------------------------------
+
+
+def test_workers_written_as_a_word(deployment: WriteDeployment) -> None:
+    path = deployment(HEADER + """\
+  - name: decoder
+    implementation: ops.encoder:Encoder
+    workers: two
+""")
+    assert problems_of(path) == [
+        'hello_world.yaml:7: operators[1].workers: must be an integer >= 1, got "two"'
+    ]
+
+
+def test_zero_workers(deployment: WriteDeployment) -> None:
+    path = deployment(HEADER + "    workers: 0\n")
+    assert problems_of(path) == ["hello_world.yaml:5: operators[0].workers: must be an integer >= 1, got 0"]
+
+
+def test_workers_written_as_a_float_is_not_an_integer(deployment: WriteDeployment) -> None:
+    """JSON Schema accepts 2.0 as an integer; the models (strict) do not, and say so the same way."""
+    path = deployment(HEADER + "    workers: 2.0\n")
+    assert problems_of(path) == ["hello_world.yaml:5: operators[0].workers: must be an integer >= 1, got 2.0"]
+
+
+def test_negative_request_timeout(deployment: WriteDeployment) -> None:
+    path = deployment(HEADER + "request_plane:\n  request_timeout_s: -1.5\n")
+    assert problems_of(path) == [
+        "hello_world.yaml:6: request_plane.request_timeout_s: must be a number > 0, got -1.5"
+    ]
+
+
+def test_parameters_that_are_not_a_mapping(deployment: WriteDeployment) -> None:
+    path = deployment(HEADER + "    parameters: [input_copies, 3]\n")
+    assert problems_of(path) == [
+        "hello_world.yaml:5: operators[0].parameters: must be a mapping, got a list"
+    ]
+
+
+def test_parameter_keys_must_be_strings(deployment: WriteDeployment) -> None:
+    """Unquoted ``yes``/``3`` are a boolean and an integer in YAML, not names."""
+    path = deployment(HEADER + "    parameters:\n      yes: 1\n      3: 4\n")
+    assert problems_of(path) == [
+        "hello_world.yaml:6: operators[0].parameters: keys must be strings, got yes",
+        "hello_world.yaml:7: operators[0].parameters: keys must be strings, got 3",
+    ]
+
+
+def test_unquoted_date_where_a_string_is_expected(deployment: WriteDeployment) -> None:
+    path = deployment(HEADER + "log_dir: 2024-01-31\n")
+    assert problems_of(path) == ["hello_world.yaml:5: log_dir: must be a string, got 2024-01-31"]
+
+
+# --- choices and names -------------------------------------------------------------------------
+
+
+def test_unknown_kind_lists_the_choices_and_suggests_the_closest(deployment: WriteDeployment) -> None:
+    path = deployment(HEADER + "    kind: pyhton\n")
+    assert problems_of(path) == [
+        "hello_world.yaml:5: operators[0].kind: must be one of 'python', 'triton', "
+        'got "pyhton" (did you mean \'python\'?)'
+    ]
+
+
+def test_log_level_in_the_wrong_case(deployment: WriteDeployment) -> None:
+    path = deployment(HEADER + "    log_level: debug\n")
+    assert problems_of(path) == [
+        "hello_world.yaml:5: operators[0].log_level: must be one of 'DEBUG', 'INFO', 'WARNING', 'ERROR', "
+        'got "debug" (did you mean \'DEBUG\'?)'
+    ]
+
+
+def test_kind_triton_is_reserved(deployment: WriteDeployment) -> None:
+    path = deployment(HEADER + "    kind: triton\n")
+    assert problems_of(path) == [
+        "hello_world.yaml:5: operators[0].kind: must be 'python' "
+        "('triton' is reserved and not available in this version), got \"triton\""
+    ]
+
+
+def test_duplicate_operator_name_points_at_the_second_use(deployment: WriteDeployment) -> None:
+    path = deployment(HEADER + """\
+  - name: decoder
+    implementation: ops.encoder:Encoder
+  - name: encoder
+    implementation: ops.encoder:Encoder
+""")
+    assert problems_of(path) == [
+        "hello_world.yaml:7: operators[2].name: must be unique among operators "
+        '(operators[0] has the same name), got "encoder"'
+    ]
+
+
+@pytest.mark.parametrize(
+    "name", ["enc.oder", "my op", "-encoder", "x" * 65], ids=["dot", "space", "leading-dash", "too-long"]
+)
+def test_operator_name_must_be_usable_in_a_nats_subject(deployment: WriteDeployment, name: str) -> None:
+    path = deployment(HEADER.replace("name: encoder", f'name: "{name}"'))
+    assert problems_of(path) == [
+        "hello_world.yaml:3: operators[0].name: must be 1 to 64 letters, digits, '_' or '-', "
+        f'starting with a letter or digit (used in NATS subjects), got "{name}"'
+    ]
+
+
+# --- keys: unknown, missing, duplicated --------------------------------------------------------
+
+
+def test_misspelled_key_gets_a_suggestion(deployment: WriteDeployment) -> None:
+    path = deployment(HEADER + "    wokers: 2\n")
+    assert problems_of(path) == [
+        "hello_world.yaml:5: operators[0]: unknown key 'wokers' (did you mean 'workers'?)"
+    ]
+
+
+def test_unknown_key_without_a_near_miss_lists_the_allowed_keys(deployment: WriteDeployment) -> None:
+    path = deployment(HEADER + "replicas: 2\n")
+    assert problems_of(path) == [
+        "hello_world.yaml:5: unknown key 'replicas' "
+        "(allowed keys: name, working_dir, request_plane, log_level, log_dir, operators)"
+    ]
+
+
+def test_missing_implementation_is_reported_at_the_operator(deployment: WriteDeployment) -> None:
+    path = deployment(HEADER + "  - name: decoder\n    workers: 2\n")
+    assert problems_of(path) == [
+        "hello_world.yaml:5: operators[1]: missing required key 'implementation'"
+    ]
+
+
+def test_missing_operators(deployment: WriteDeployment) -> None:
+    path = deployment("# no operators yet\nname: hello_world\n")
+    assert problems_of(path) == ["hello_world.yaml:2: missing required key 'operators'"]
+
+
+def test_empty_operators_list(deployment: WriteDeployment) -> None:
+    path = deployment("name: hello_world\noperators: []\n")
+    assert problems_of(path) == [
+        "hello_world.yaml:2: operators: must list at least 1 operator, got an empty list"
+    ]
+
+
+def test_duplicate_yaml_key_is_an_error_not_a_silent_override(deployment: WriteDeployment) -> None:
+    path = deployment(HEADER + "    workers: 2\n    workers: 4\n")
+    assert problems_of(path) == [
+        "hello_world.yaml:6: operators[0].workers: duplicate key (first set at line 5)"
+    ]
+
+
+def test_merge_keys_may_override_without_being_duplicates(deployment: WriteDeployment) -> None:
+    path = deployment(HEADER.replace("  - name: encoder", "  - &encoder\n    name: encoder") + """\
+  - <<: *encoder
+    name: decoder
+""")
+    assert [op.name for op in load_deployment(path).operators] == ["encoder", "decoder"]
+
+
+# --- the file as a whole ------------------------------------------------------------------------
+
+
+def test_yaml_syntax_error_gives_line_and_column(deployment: WriteDeployment) -> None:
+    path = deployment(HEADER + "    workers: [1, 2\n")
+    assert problems_of(path) == [
+        "hello_world.yaml:6:1: invalid YAML: expected ',' or ']', but got '<stream end>' "
+        "(while parsing a flow sequence at line 5)"
+    ]
+
+
+def test_unterminated_quote(deployment: WriteDeployment) -> None:
+    path = deployment('name: "hello_world\noperators: []\n')
+    assert problems_of(path) == [
+        "hello_world.yaml:3:1: invalid YAML: found unexpected end of stream "
+        "(while scanning a quoted scalar at line 1)"
+    ]
+
+
+def test_top_level_list_instead_of_mapping(deployment: WriteDeployment) -> None:
+    path = deployment("- name: encoder\n  implementation: ops.encoder:Encoder\n")
+    assert problems_of(path) == [
+        "hello_world.yaml:1: the top level must be a mapping with at least 'name' and 'operators', "
+        "got a list"
+    ]
+
+
+@pytest.mark.parametrize("text", ["", "# just a comment\n\n"])
+def test_empty_file(deployment: WriteDeployment, text: str) -> None:
+    path = deployment(text)
+    assert problems_of(path) == [
+        "hello_world.yaml: the file is empty; a deployment is a mapping with at least 'name' and 'operators'"
+    ]
+
+
+def test_several_documents_in_one_file(deployment: WriteDeployment) -> None:
+    path = deployment(HEADER + "---\nname: other\n")
+    assert problems_of(path) == [
+        "hello_world.yaml:5:1: invalid YAML: expected a single document in the stream, "
+        "but found another document"
+    ]
+
+
+def test_nonexistent_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert problems_of("deployments/missing.yaml") == ["deployments/missing.yaml: no such file"]
+
+
+def test_directory_instead_of_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert problems_of(".") == [".: is a directory, not a deployment file"]
+
+
+# --- operator code ------------------------------------------------------------------------------
+
+
+def test_implementation_module_not_found(deployment: WriteDeployment, tmp_path: Path) -> None:
+    path = deployment(HEADER + "  - name: decoder\n    implementation: ops.decoder:Decoder\n")
+    assert problems_of(path) == [
+        f"hello_world.yaml:6: operators[1].implementation: cannot find module 'ops.decoder' under {tmp_path.resolve()}"
+    ]
+
+
+def test_implementation_file_not_found(deployment: WriteDeployment, tmp_path: Path) -> None:
+    path = deployment(HEADER + "  - name: decoder\n    implementation: ops/decoder.py:Decoder\n")
+    assert problems_of(path) == [
+        f"hello_world.yaml:6: operators[1].implementation: cannot find file 'ops/decoder.py' under {tmp_path.resolve()}"
+    ]
+
+
+def test_implementation_that_is_neither_module_nor_file(deployment: WriteDeployment) -> None:
+    path = deployment(HEADER + "  - name: decoder\n    implementation: ops-decoder:Decoder\n")
+    assert problems_of(path) == [
+        "hello_world.yaml:6: operators[1].implementation: must be 'package.module:Class', "
+        "or a file path 'path/to/file.py[:Class]' relative to working_dir, got \"ops-decoder:Decoder\""
+    ]
+
+
+def test_installed_modules_are_found_too(deployment: WriteDeployment) -> None:
+    path = deployment(HEADER + "  - name: decoder\n    implementation: json.decoder:JSONDecoder\n")
+    assert load_deployment(path).operator("decoder").implementation == "json.decoder:JSONDecoder"
+
+
+def test_operator_code_is_found_but_not_imported(deployment: WriteDeployment, tmp_path: Path) -> None:
+    """Validating a file must not run operator code (it may be slow, or need a GPU)."""
+    (tmp_path / "ops" / "loud.py").write_text("raise SystemExit('imported!')\n")
+    path = deployment(HEADER + "  - name: loud\n    implementation: ops.loud:Loud\n")
+    path_before = list(sys.path)
+    load_deployment(path)
+    assert "ops" not in sys.modules and "ops.loud" not in sys.modules
+    assert sys.path == path_before
+
+
+# --- everything at once ------------------------------------------------------------------------
+
+
+def test_all_problems_are_reported_together_sorted_by_line(deployment: WriteDeployment) -> None:
+    path = deployment("""\
+        name: hello world
+        request_plane:
+          request_timeout_s: 0
+        operators:
+          - name: encoder
+            implementation: ops.encoder:Encoder
+            kind: triton
+            wokers: 2
+          - name: encoder
+            workers: two
+    """)
+    assert problems_of(path) == [
+        "hello_world.yaml:1: name: must be 1 to 64 letters, digits, '_' or '-', starting with a letter "
+        'or digit (used in NATS subjects), got "hello world"',
+        "hello_world.yaml:3: request_plane.request_timeout_s: must be a number > 0, got 0",
+        "hello_world.yaml:7: operators[0].kind: must be 'python' "
+        "('triton' is reserved and not available in this version), got \"triton\"",
+        "hello_world.yaml:8: operators[0]: unknown key 'wokers' (did you mean 'workers'?)",
+        "hello_world.yaml:9: operators[1]: missing required key 'implementation'",
+        'hello_world.yaml:9: operators[1].name: must be unique among operators '
+        '(operators[0] has the same name), got "encoder"',
+        'hello_world.yaml:10: operators[1].workers: must be an integer >= 1, got "two"',
+    ]
+
+
+def test_messages_name_the_file_as_the_user_gave_it(tmp_path: Path) -> None:
+    path = tmp_path / "deployments" / FILE
+    path.parent.mkdir()
+    path.write_text(HEADER + "    workers: 0\n")
+    assert problems_of(path) == [f"{path}:5: operators[0].workers: must be an integer >= 1, got 0"]
+
+
+# --- a valid file ------------------------------------------------------------------------------
+
+
+def test_valid_file_loads_with_working_dir_relative_to_the_file(tmp_path: Path) -> None:
+    (tmp_path / "code" / "ops").mkdir(parents=True)
+    (tmp_path / "code" / "ops" / "encoder.py").write_text("class Encoder: ...\n")
+    (tmp_path / "code" / "decoder.py").write_text("class Decoder: ...\n")
+    path = tmp_path / "deployments" / FILE
+    path.parent.mkdir()
+    path.write_text("""\
+name: hello_world
+working_dir: ../code
+log_level: DEBUG
+request_plane:
+  request_timeout_s: 5
+operators:
+  - name: encoder
+    implementation: ops.encoder:Encoder   # a namespace package is fine
+    workers: 2
+    parameters: {input_copies: 3}
+  - name: decoder
+    implementation: decoder.py:Decoder
+""")
+    config = load_deployment(path)
+    assert config.source == path.resolve()
+    assert config.root == (tmp_path / "code").resolve()
+    assert [(op.name, op.workers) for op in config.operators] == [("encoder", 2), ("decoder", 1)]
+    assert config.operator("encoder").parameters == {"input_copies": 3}
+    assert config.request_plane.request_timeout_s == 5.0
+
+
+def test_parse_deployment_takes_text_and_a_source_name(tmp_path: Path) -> None:
+    (tmp_path / "op.py").write_text("class Op: ...\n")
+    text = "name: inline\noperators:\n  - {name: op, implementation: op.py}\n"
+    config = parse_deployment(text, tmp_path / "inline.yaml")
+    assert config.root == tmp_path.resolve()
+    with pytest.raises(ConfigError) as caught:
+        parse_deployment(text.replace("name: op", "name: op, workers: -1"), "<stdin>")
+    assert caught.value.problems == ["<stdin>:3: operators[0].workers: must be an integer >= 1, got -1"]

@@ -1,0 +1,136 @@
+"""Request/response over a real nats-server with real worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from pipeline_runner import OperatorError, PayloadTooLargeError, RequestTimeoutError
+from pipeline_runner.protocol import decode_response
+from pipeline_runner.request_plane import operator_subject
+
+from .conftest import connected, make_config, op, running
+
+
+async def test_a_request_round_trips_tensors_and_parameters(nats_url: str) -> None:
+    config = make_config(op("echo", "echo:Echo"))
+    async with running(config, nats_url) as deployment, connected(deployment) as conn:
+        image = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+        labels = np.array([b"cat", b"dog"], dtype=object)
+        response = await conn.operator("echo").infer(
+            {"image": image, "labels": labels}, parameters={"threshold": 0.5, "tags": ["a"]}
+        )
+        assert response.final
+        np.testing.assert_array_equal(await response.array("image"), image)
+        assert (await response.array("image")).dtype == np.float32
+        assert list(await response.array("labels")) == [b"cat", b"dog"]
+        assert response.parameters["threshold"] == 0.5
+        assert response.parameters["tags"] == ["a"]
+        assert response.worker == "echo.0"
+
+
+async def test_an_operator_streams_several_responses_and_marks_the_last_final(nats_url: str) -> None:
+    config = make_config(op("stream", "echo:Stream"))
+    async with running(config, nats_url) as deployment, connected(deployment) as conn:
+        responses = [r async for r in conn.operator("stream").call(parameters={"count": 5})]
+        indices = [int((await r.array("index"))[0]) for r in responses]
+        assert indices == [0, 1, 2, 3, 4]
+        assert [r.final for r in responses] == [False, False, False, False, True]
+
+
+async def test_workers_of_one_operator_share_the_load(nats_url: str) -> None:
+    config = make_config(op("echo", "echo:Echo", workers=3, max_inflight_requests=4))
+    async with running(config, nats_url) as deployment, connected(deployment) as conn:
+        echo = conn.operator("echo")
+        # Each request holds its worker a little, so a single worker cannot take them all.
+        responses = await asyncio.gather(
+            *(echo.infer({"x": np.array([i])}, parameters={"sleep": 0.02}) for i in range(90))
+        )
+        served = Counter(r.worker for r in responses)
+        assert set(served) == {"echo.0", "echo.1", "echo.2"}, served
+        assert sum(served.values()) == 90
+
+
+async def test_a_request_to_an_operator_without_workers_times_out_clearly(nats_url: str) -> None:
+    config = make_config(op("echo", "echo:Echo"))
+    async with running(config, nats_url) as deployment, connected(deployment) as conn:
+        started = time.monotonic()
+        with pytest.raises(RequestTimeoutError) as excinfo:
+            await conn.operator("nobody_home").infer({"x": np.zeros(3)}, timeout_s=1.0)
+        elapsed = time.monotonic() - started
+    message = str(excinfo.value)
+    assert "nobody_home" in message
+    assert "no worker is serving" in message
+    assert "1 s" in message
+    assert 0.9 <= elapsed < 3.0
+
+
+async def test_a_slow_operator_times_out_with_no_final_response(nats_url: str) -> None:
+    config = make_config(op("echo", "echo:Echo"))
+    async with running(config, nats_url) as deployment, connected(deployment) as conn:
+        with pytest.raises(RequestTimeoutError, match="no final response arrived"):
+            await conn.operator("echo").infer(parameters={"sleep": 2.0}, timeout_s=0.3)
+
+
+async def test_operator_errors_reach_the_caller_and_the_worker_keeps_serving(nats_url: str) -> None:
+    config = make_config(op("faulty", "echo:Faulty"))
+    async with running(config, nats_url) as deployment, connected(deployment) as conn:
+        faulty = conn.operator("faulty")
+        with pytest.raises(OperatorError) as bad:
+            await faulty.infer(parameters={"mode": "bad_input"})
+        assert bad.value.code == "bad_input"
+        assert bad.value.message == "input 'x' must be float32"
+
+        with pytest.raises(OperatorError) as raised:
+            await faulty.infer(parameters={"mode": "raise"})
+        assert raised.value.code == "operator_failed"
+        assert raised.value.message == "ValueError: something broke inside the operator"
+        assert "Traceback" not in raised.value.message
+
+        with pytest.raises(OperatorError) as forgot:
+            await faulty.infer(parameters={"mode": "forget"})
+        assert forgot.value.code == "no_response"
+
+        ok = await faulty.infer()
+        assert list(await ok.array("ok")) == [1]
+        assert deployment.workers[0].restarts == 0
+
+
+async def test_garbage_on_an_operator_subject_gets_an_error_reply_and_serving_goes_on(
+    nats_url: str,
+) -> None:
+    config = make_config(op("echo", "echo:Echo"))
+    async with running(config, nats_url) as deployment, connected(deployment) as conn:
+        subject = operator_subject("test", "echo", 1)
+        nc = conn.plane.nats
+        for garbage in (b"", b"hello", b"PRN1\xff\xff\xff\xff{", b"PRN1\x05\x00\x00\x00{]}xx"):
+            reply = await nc.request(subject, garbage, timeout=5)
+            header, _ = decode_response(reply.data)
+            assert header.final and header.error is not None
+            assert header.error.code == "bad_request"
+        response = await conn.operator("echo").infer({"x": np.array([7])})
+        assert list(await response.array("x")) == [7]
+
+
+async def test_a_too_large_request_fails_at_once_naming_the_limit(nats_url: str) -> None:
+    config = make_config(op("echo", "echo:Echo"))
+    async with running(config, nats_url) as deployment, connected(deployment) as conn:
+        big = np.zeros(2 * 1024 * 1024, dtype=np.uint8)
+        started = time.monotonic()
+        with pytest.raises(PayloadTooLargeError, match="exceeds the NATS max payload of 1048576 bytes"):
+            await conn.operator("echo").infer({"big": big})
+        assert time.monotonic() - started < 1.0
+
+
+async def test_a_worker_batches_queued_requests_up_to_max_batch_size(nats_url: str) -> None:
+    config = make_config(op("batched", "echo:Batched", max_batch_size=4, max_inflight_requests=8))
+    async with running(config, nats_url) as deployment, connected(deployment) as conn:
+        batched = conn.operator("batched")
+        responses = await asyncio.gather(*(batched.infer() for _ in range(16)))
+        sizes = [r.parameters["batch"] for r in responses]
+        assert max(sizes) > 1
+        assert max(sizes) <= 4
