@@ -172,7 +172,8 @@ class DeploymentConfig(_Model):
         # name, together with whatever else is wrong with the operators.
         duplicates = _duplicate_names(operators)
         if not duplicates:
-            return handler(operators)
+            validated: list[OperatorConfig] = handler(operators)
+            return validated
         details: list[InitErrorDetails] = []
         try:
             handler(operators)

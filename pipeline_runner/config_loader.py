@@ -172,18 +172,14 @@ class _YamlDocument:
         if isinstance(node, ScalarNode):
             try:
                 return loader.construct_object(node)
-            except (ValueError, OverflowError):  # an explicit tag on text it cannot read: "!!int abc"
-                tag = node.tag.replace(_TAG_PREFIX, "!!")
-                raise yaml.MarkedYAMLError(
-                    problem=f"cannot read {node.value!r} as {tag}", problem_mark=node.start_mark
-                ) from None
+            except yaml.YAMLError:
+                raise
+            except Exception:  # PyYAML fails variously on an explicit tag it cannot read: "!!int abc"
+                raise _yaml_problem(node, f"cannot read {node.value!r} as {_short_tag(node)}") from None
         if id(node) in active:
-            self._problem(node, loc, "recursive YAML aliases are not supported")
-            return None
-        expected_tag = _MAP_TAG if isinstance(node, MappingNode) else _SEQ_TAG
-        if node.tag != expected_tag:
-            self._problem(node, loc, f"unsupported YAML tag {node.tag.replace(_TAG_PREFIX, '!!')!r}")
-            return None
+            raise _yaml_problem(node, "an alias refers to a node that contains it")
+        if node.tag != (_MAP_TAG if isinstance(node, MappingNode) else _SEQ_TAG):
+            raise _yaml_problem(node, f"unsupported tag {_short_tag(node)!r}")
         active.add(id(node))
         try:
             if isinstance(node, SequenceNode):
@@ -192,6 +188,7 @@ class _YamlDocument:
                     self.nodes[loc + (index,)] = (None, item)
                     items.append(self._build(item, loc + (index,), loader, active))
                 return items
+            assert isinstance(node, MappingNode)
             loader.flatten_mapping(node)  # resolves '<<' merge keys; later keys override earlier
             mapping: dict[str, Any] = {}
             for key_node, value_node in node.value:
@@ -204,6 +201,14 @@ class _YamlDocument:
             return mapping
         finally:
             active.discard(id(node))
+
+
+def _yaml_problem(node: Node, problem: str) -> yaml.MarkedYAMLError:
+    return yaml.MarkedYAMLError(problem=problem, problem_mark=node.start_mark)
+
+
+def _short_tag(node: Node) -> str:
+    return str(node.tag).replace(_TAG_PREFIX, "!!")
 
 
 def _line(node: Node) -> int:
@@ -324,10 +329,10 @@ def _implementation_problems(config: DeploymentConfig, doc: _YamlDocument) -> li
     forms = str(described.get("description", "'package.module:Class' or 'path/to/file.py'")).rstrip(".")
     for index, op in enumerate(config.operators):
         loc = ("operators", index, "implementation")
-        target, _, class_name = op.implementation.rpartition(":")
-        if not target:
-            target, class_name = op.implementation, None
-        if class_name is not None and not class_name.isidentifier():
+        target, colon, class_name = op.implementation.rpartition(":")
+        if not colon:
+            target = class_name
+        if colon and not class_name.isidentifier():
             problems.append(_value_problem(doc, loc, f"must be {forms}"))
         elif "/" in target or target.endswith(".py"):
             if not (root / target).is_file():
@@ -385,18 +390,19 @@ def _branches(schema: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _schema_at(loc: Loc) -> dict[str, Any] | None:
-    schema: Any = _schema()
+    schema = _schema()
     for part in loc:
         branches = _branches(schema)
         if len(branches) != 1:
             return None
         schema = branches[0]
         if isinstance(part, int):
-            schema = schema.get("items")
+            child = schema.get("items")
         else:
-            schema = schema.get("properties", {}).get(part, schema.get("additionalProperties"))
-        if not isinstance(schema, dict):
+            child = schema.get("properties", {}).get(part, schema.get("additionalProperties"))
+        if not isinstance(child, dict):
             return None
+        schema = child
     return schema
 
 
@@ -457,7 +463,7 @@ def _literal(value: Any) -> str:
 
 def _item_noun(loc: Loc, count: int) -> str:
     key = loc[-1] if loc and isinstance(loc[-1], str) else "items"
-    singular = key[:-1] if key.endswith("s") else key
+    singular = key.removesuffix("s")
     return singular if count == 1 else singular + "s"
 
 

@@ -117,7 +117,7 @@ def tensor_bytes(name: str, array: np.ndarray) -> tuple[str, memoryview]:
     if array.dtype.kind == "V":
         raise ProtocolError(f"tensor {name!r}: structured/void dtype {array.dtype} is not supported")
     contiguous = np.ascontiguousarray(array)
-    return contiguous.dtype.str, memoryview(contiguous).cast("B")
+    return contiguous.dtype.str, memoryview(contiguous.reshape(-1).view(np.uint8))
 
 
 def array_from_bytes(name: str, dtype: str, shape: tuple[int, ...], data: memoryview) -> np.ndarray:

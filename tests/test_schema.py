@@ -24,7 +24,8 @@ operators:
 
 
 def published_schema() -> dict[str, Any]:
-    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    schema: dict[str, Any] = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    return schema
 
 
 def schema_errors(data: Any) -> list[str]:
