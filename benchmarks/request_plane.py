@@ -171,7 +171,7 @@ async def main() -> None:
 
     table = Table(title=f"request plane ({args.size_bytes} B round-trip payload, {os.cpu_count()} CPUs)")
     for column in ("path", "concurrency", "req/s", "p50 ms", "p90 ms", "p99 ms", "vs raw"):
-        table.add_column(column, justify="left" if column == "path" else "right")
+        table.add_column(column, justify="left" if column == "path" else "right", no_wrap=True)
     for row in rows:
         ratio = row.get("vs_raw_throughput")
         table.add_row(
