@@ -79,17 +79,20 @@ class Request:
         parameters: Mapping[str, Any] | None = None,
         final: bool = True,
     ) -> None:
-        """Send a response; several non-final ones may precede the final one."""
+        """Send a response; several non-final ones may precede the final one.
+
+        If sending fails (e.g. the response exceeds the payload limit) the request stays
+        unanswered, so the worker can still answer it with the error.
+        """
         self._check_open()
-        if final:
-            self._final_sent = True
         await self._responder(outputs or {}, parameters or {}, final, None)
+        self._final_sent = final
 
     async def fail(self, message: str, code: str = "operator_failed") -> None:
         """Answer the request with an error; this is its final response."""
         self._check_open()
-        self._final_sent = True
         await self._responder({}, {}, True, (code, message))
+        self._final_sent = True
 
     def _check_open(self) -> None:
         if self._final_sent:

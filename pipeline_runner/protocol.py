@@ -30,25 +30,24 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class InlineTensor(_Wire):
+class _TensorFields(_Wire):
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int = Field(ge=0)
+
+
+class InlineTensor(_TensorFields):
     """A tensor whose bytes follow the header, at ``offset`` within the tensor section."""
 
     kind: Literal["inline"] = "inline"
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
     offset: int = Field(ge=0)
-    nbytes: int = Field(ge=0)
 
 
-class RemoteTensor(_Wire):
+class RemoteTensor(_TensorFields):
     """A tensor left in the producing worker, to be fetched from its data plane."""
 
     kind: Literal["remote"] = "remote"
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int = Field(ge=0)
     address: str
     tensor_id: str
     memory_type: Literal["cpu", "gpu"] = "cpu"

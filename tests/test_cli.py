@@ -86,15 +86,21 @@ def test_client_can_be_pointed_at_the_nats_url_explicitly() -> None:
         assert "20/20" in result.stdout
 
 
-def test_client_reports_wrong_answers_and_exits_non_zero(tmp_path: Path) -> None:
-    file = tmp_path / "wrong.yaml"
+def _one_operator_file(tmp_path: Path, name: str, operator: str, implementation: str) -> Path:
+    """A deployment file with one operator from tests/fixture_operators."""
+    file = tmp_path / f"{name}.yaml"
     file.write_text(
-        "name: wrong\n"
+        f"name: {name}\n"
         f"working_dir: {REPO_ROOT / 'tests'}\n"
         "operators:\n"
-        "  - name: encoder_decoder\n"
-        "    implementation: fixture_operators.echo:WrongAnswer\n"
+        f"  - name: {operator}\n"
+        f"    implementation: fixture_operators.{implementation}\n"
     )
+    return file
+
+
+def test_client_reports_wrong_answers_and_exits_non_zero(tmp_path: Path) -> None:
+    file = _one_operator_file(tmp_path, "wrong", "encoder_decoder", "echo:WrongAnswer")
     with deployed(file, "wrong"):
         result = runner("client", "--requests", "10")
     assert result.returncode == 1
@@ -135,14 +141,7 @@ def test_killing_the_deploy_process_takes_its_workers_down_too() -> None:
 
 
 def test_deploy_reports_a_worker_that_cannot_start_and_exits(tmp_path: Path) -> None:
-    file = tmp_path / "broken.yaml"
-    file.write_text(
-        "name: broken\n"
-        f"working_dir: {REPO_ROOT / 'tests'}\n"
-        "operators:\n"
-        "  - name: bad\n"
-        "    implementation: fixture_operators.bad_setup:BadSetup\n"
-    )
+    file = _one_operator_file(tmp_path, "broken", "bad", "bad_setup:BadSetup")
     result = runner("deploy", str(file), timeout=60)
     assert result.returncode == 1
     assert "worker bad.0 failed to start: RuntimeError: model weights not found" in result.stderr

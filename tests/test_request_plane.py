@@ -126,6 +126,18 @@ async def test_a_too_large_request_fails_at_once_naming_the_limit(nats_url: str)
         assert time.monotonic() - started < 1.0
 
 
+async def test_a_too_large_response_becomes_an_error_response_not_a_timeout(nats_url: str) -> None:
+    config = make_config(op("inflate", "echo:Inflate"))
+    async with running(config, nats_url) as deployment, connected(deployment) as conn:
+        inflate = conn.operator("inflate")
+        with pytest.raises(OperatorError) as excinfo:
+            await inflate.infer(parameters={"nbytes": 4 << 20}, timeout_s=5)
+        assert excinfo.value.code == "operator_failed"
+        assert "exceeds the NATS max payload" in excinfo.value.message
+        small = await inflate.infer(parameters={"nbytes": 10})
+        assert (await small.array("blob")).nbytes == 10
+
+
 async def test_a_worker_batches_queued_requests_up_to_max_batch_size(nats_url: str) -> None:
     config = make_config(op("batched", "echo:Batched", max_batch_size=4, max_inflight_requests=8))
     async with running(config, nats_url) as deployment, connected(deployment) as conn:

@@ -69,3 +69,11 @@ class Batched(Operator):
         await asyncio.sleep(0.05)
         for request in requests:
             await request.respond(parameters={"batch": len(requests)})
+
+
+class Inflate(Operator):
+    """Answers with ``nbytes`` zero bytes: more than NATS takes when ``nbytes`` is large."""
+
+    async def execute(self, requests: list[Request]) -> None:
+        for request in requests:
+            await request.respond({"blob": np.zeros(int(request.parameters["nbytes"]), np.uint8)})
