@@ -238,6 +238,7 @@ async def _client(args: argparse.Namespace) -> int:
     parameters = _parse_params(args.param)
     deployment = args.deployment
     nats_url = args.nats
+    data_plane = None
     if nats_url is None or deployment is None:
         try:
             state = wait_for_deployment(deployment, args.wait) if args.wait else find_deployment(deployment)
@@ -247,8 +248,11 @@ async def _client(args: argparse.Namespace) -> int:
             raise RunnerError("--nats was given without --deployment and no deployment runs here: pass --deployment NAME") from None
         nats_url = nats_url or state.nats_url
         deployment = deployment or state.name
+        data_plane = state.data_plane
     inputs = make_inputs(args.size, args.dtype, count=min(args.requests, 16))
-    connection = await Connection.connect(nats_url, deployment, default_timeout_s=args.timeout)
+    connection = await Connection.connect(
+        nats_url, deployment, default_timeout_s=args.timeout, data_plane=data_plane
+    )
     try:
         operator = connection.operator(args.operator, args.version)
         console.print(

@@ -94,10 +94,13 @@ async def run_load_test(
         started = time.perf_counter()
         try:
             response = await operator.infer({"input": expected}, parameters=parameters, timeout_s=timeout_s)
-            if check:
-                got = await response.array("output")
-                if got.dtype != expected.dtype or not np.array_equal(got, expected):
-                    raise OperatorError(operator.name, "wrong_result", "output differs from the input")
+            try:
+                if check:
+                    got = await response.array("output")
+                    if got.dtype != expected.dtype or not np.array_equal(got, expected):
+                        raise OperatorError(operator.name, "wrong_result", "output differs from the input")
+            finally:
+                response.release()
         except RequestTimeoutError as exc:
             result.timed_out += 1
             result.errors[f"timeout: {exc}"] += 1

@@ -80,6 +80,27 @@ class RequestPlaneConfig(_Model):
     )
 
 
+class DataPlaneConfig(_Model):
+    """How tensors too large to ride inline in a NATS message move between processes."""
+
+    inline_threshold_bytes: int = Field(
+        65536,
+        ge=0,
+        description=(
+            "Tensors up to this many bytes ride inline in NATS messages; larger ones stay with "
+            "their producer and are fetched over UCX."
+        ),
+    )
+    host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="Interface the UCX data plane listens on; use a routable address across hosts.",
+    )
+    fetch_timeout_s: float = Field(
+        30.0, gt=0, description="Longest a consumer waits for one tensor fetch."
+    )
+
+
 class OperatorConfig(_Model):
     """One pipeline stage and how many worker processes serve it."""
 
@@ -155,6 +176,7 @@ class DeploymentConfig(_Model):
         ),
     )
     request_plane: RequestPlaneConfig = Field(default_factory=RequestPlaneConfig)
+    data_plane: DataPlaneConfig = Field(default_factory=DataPlaneConfig)
     log_level: LogLevel = "INFO"
     log_dir: str | None = Field(
         None, description="Directory for per-worker logs; default: the runner's state directory."

@@ -208,6 +208,7 @@ class Deployment:
         spec = WorkerSpec(
             deployment=self.config.name,
             operator=op,
+            data_plane=self.config.data_plane,
             index=index,
             nats_url=self.nats_url,
             root=str(self.config.root),
@@ -279,6 +280,7 @@ class Deployment:
             nats_url=self.nats_url,
             nats_pid=self._nats.pid if self._nats else None,
             log_dir=str(self.log_dir),
+            data_plane=self.config.data_plane,
             started_at=self.started_at,
             workers=[w.state() for w in self._workers],
         )

@@ -12,12 +12,15 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import BadInputError, OperatorError
 from .tensor import Tensor, TensorLike
+
+if TYPE_CHECKING:
+    from .data_plane.plane import DataPlane
 
 # Sends one response: (outputs, parameters, final, error) -> None.
 Responder = Callable[
@@ -109,12 +112,23 @@ class Response:
         parameters: dict[str, Any],
         final: bool,
         worker: str | None,
+        data_plane: DataPlane | None = None,
     ):
         self.request_id = request_id
         self.outputs = outputs
         self.parameters = parameters
         self.final = final
         self.worker = worker
+        self._data_plane = data_plane
+
+    def release(self) -> None:
+        """Let the producers free this response's data-plane tensors now, not at their lease's end.
+
+        Inside an operator this happens by itself when the request being served finishes.
+        """
+        remote = [t.descriptor for t in self.outputs.values() if t.descriptor is not None]
+        if remote and self._data_plane is not None:
+            self._data_plane.release(remote)
 
     async def array(self, name: str) -> np.ndarray:
         """The output ``name`` as an array."""

@@ -7,11 +7,13 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+from .config import DataPlaneConfig
+from .data_plane.plane import DataPlane
 from .errors import OperatorError, RequestTimeoutError, RunnerError
 from .operator import Response
 from .protocol import RequestHeader, encode_message
-from .request_plane import RequestPlane, operator_subject
-from .tensor import TensorLike, decode_tensors, encode_tensors
+from .request_plane import RequestPlane, operator_subject, stats_subject
+from .tensor import TensorLike, check_payload, current_scope, decode_tensors, encode_tensors
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -23,12 +25,19 @@ _default_connection: Connection | None = None
 
 
 class Connection:
-    """A connection to one deployment's request plane."""
+    """A connection to one deployment: its request plane and this process's data plane."""
 
-    def __init__(self, plane: RequestPlane, deployment: str, default_timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(
+        self,
+        plane: RequestPlane,
+        deployment: str,
+        default_timeout_s: float = DEFAULT_TIMEOUT_S,
+        data_plane: DataPlane | None = None,
+    ):
         self.plane = plane
         self.deployment = deployment
         self.default_timeout_s = default_timeout_s
+        self.data_plane = data_plane if data_plane is not None else DataPlane()
 
     @classmethod
     async def connect(
@@ -37,17 +46,23 @@ class Connection:
         deployment: str,
         *,
         default_timeout_s: float = DEFAULT_TIMEOUT_S,
+        data_plane: DataPlaneConfig | None = None,
         client_name: str = "pipeline_runner-client",
     ) -> Connection:
-        """Connect to the NATS server of ``deployment``."""
+        """Connect to the NATS server of ``deployment``; the data plane starts on first use."""
         plane = await RequestPlane.connect(nats_url, name=client_name)
-        return cls(plane, deployment, default_timeout_s)
+        return cls(plane, deployment, default_timeout_s, DataPlane(data_plane))
 
     def operator(self, name: str, version: int = 1) -> RemoteOperator:
         """A handle on operator ``name`` at ``version``."""
         return RemoteOperator(name, version, connection=self)
 
+    async def worker_stats(self, expected: int | None = None, timeout_s: float = 1.0) -> list[dict[str, Any]]:
+        """Counters of every worker of the deployment that answers within ``timeout_s``."""
+        return await self.plane.gather(stats_subject(self.deployment), expected, timeout_s)
+
     async def close(self) -> None:
+        await self.data_plane.stop()
         await self.plane.close()
 
     async def __aenter__(self) -> Connection:
@@ -106,31 +121,43 @@ class RemoteOperator:
         :class:`RequestTimeoutError` when no final response arrives in time.
         """
         connection = self.connection
-        plane = connection.plane
+        plane, data_plane = connection.plane, connection.data_plane
         subject = operator_subject(connection.deployment, self.name, self.version)
-        descriptors, buffers = encode_tensors(inputs or {})
-        async with plane.open_stream(self._timeout(timeout_s)) as stream:
-            header = RequestHeader(
-                id=stream.request_id,
-                reply_to=stream.reply_to,
-                timeout_s=stream.timeout_s,
-                parameters=dict(parameters or {}),
-                tensors=descriptors,
-            )
-            await stream.send(subject, encode_message(header, buffers))
-            try:
-                async for response, body in stream:
-                    if response.error is not None:
-                        raise OperatorError(self.name, response.error.code, response.error.message)
-                    yield Response(
-                        response.id,
-                        decode_tensors(response.tensors, body),
-                        response.parameters,
-                        response.final,
-                        response.worker,
-                    )
-            except RequestTimeoutError as exc:
-                raise RequestTimeoutError(f"operator {self.name!r} (v{self.version}): {exc}") from None
+        timeout = self._timeout(timeout_s)
+        encoded = await encode_tensors(inputs or {}, data_plane, lease_s=timeout)
+        scope = current_scope.get()
+        came_back: set[tuple[str, str]] = set()
+        try:
+            async with plane.open_stream(timeout) as stream:
+                header = RequestHeader(
+                    id=stream.request_id,
+                    reply_to=stream.reply_to,
+                    timeout_s=stream.timeout_s,
+                    parameters=dict(parameters or {}),
+                    tensors=encoded.descriptors,
+                )
+                payload = encode_message(header, encoded.buffers)
+                check_payload(len(payload), plane.max_payload, encoded.descriptors, f"request to {self.name!r}")
+                await stream.send(subject, payload)
+                try:
+                    async for response, body in stream:
+                        if response.error is not None:
+                            raise OperatorError(self.name, response.error.code, response.error.message)
+                        outputs = decode_tensors(response.tensors, body, data_plane)
+                        remote = [t.descriptor for t in outputs.values() if t.descriptor is not None]
+                        came_back.update((d.address, d.tensor_id) for d in remote)
+                        if scope is not None:
+                            scope.adopt(remote)
+                        yield Response(
+                            response.id, outputs, response.parameters, response.final, response.worker, data_plane
+                        )
+                except RequestTimeoutError as exc:
+                    raise RequestTimeoutError(f"operator {self.name!r} (v{self.version}): {exc}") from None
+        finally:
+            # Our inputs are done with once the call ends, unless a response handed them back.
+            done = [d for d in encoded.published if (d.address, d.tensor_id) not in came_back]
+            if done:
+                data_plane.release(done)
 
     async def infer(
         self,

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
+from typing import Any
 
 import nats
 from nats.aio.client import Client as NATS
@@ -34,6 +36,11 @@ _RETRY_MAX_S = 0.5
 def operator_subject(deployment: str, operator: str, version: int) -> str:
     """The subject workers of ``operator`` (of ``deployment``, at ``version``) listen on."""
     return f"{SUBJECT_PREFIX}.{deployment}.{operator}.v{version}"
+
+
+def stats_subject(deployment: str) -> str:
+    """The subject every worker of ``deployment`` answers with its counters."""
+    return f"{SUBJECT_PREFIX}.{deployment}._stats"
 
 
 def queue_group(deployment: str, operator: str, version: int) -> str:
@@ -166,6 +173,27 @@ class RequestPlane:
         except Exception:  # NATS is away: nothing more can arrive anyway
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def gather(self, subject: str, expected: int | None, timeout_s: float) -> list[dict[str, Any]]:
+        """Ask every subscriber of ``subject`` (no queue group) and collect JSON answers."""
+        inbox = self._nc.new_inbox()
+        answers: list[dict[str, Any]] = []
+        enough = asyncio.Event()
+
+        async def collect(msg: Msg) -> None:
+            with contextlib.suppress(ValueError):
+                answers.append(json.loads(msg.data))
+            if expected is not None and len(answers) >= expected:
+                enough.set()
+
+        sub = await self._nc.subscribe(inbox, cb=collect)
+        try:
+            await self._nc.publish(subject, b"", reply=inbox)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(enough.wait(), timeout=timeout_s)
+        finally:
+            await sub.unsubscribe()
+        return answers
 
     async def publish(self, subject: str, payload: bytes, reply: str = "") -> None:
         """Publish ``payload``; too large a payload fails at once with PayloadTooLargeError."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from .config import DataPlaneConfig
 from .errors import RunnerError
 
 STATE_DIR_ENV = "PIPELINE_RUNNER_STATE_DIR"
@@ -35,6 +36,7 @@ class DeploymentState(BaseModel):
     nats_url: str
     nats_pid: int | None = None
     log_dir: str
+    data_plane: DataPlaneConfig = DataPlaneConfig()
     started_at: float
     workers: list[WorkerState] = []
 

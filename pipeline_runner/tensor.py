@@ -1,18 +1,26 @@
 """Tensor handles: what operator code receives and passes on.
 
-A :class:`Tensor` is either local (an array in this process) or a descriptor of bytes held
-elsewhere. Operator code calls ``await tensor.array()`` either way; passing a handle on to another
-operator forwards its descriptor without fetching the bytes.
+A :class:`Tensor` is either local (an array in this process) or a descriptor of bytes another
+process keeps on its data plane. Operator code calls ``await tensor.array()`` either way; passing
+a handle on to another operator forwards its descriptor, so the next consumer fetches straight
+from the producer.
+
+Ownership of published tensors follows the requests (see :class:`TensorScope`): inputs a caller
+publishes live until its call ends; tensors received in a response belong to the receiver, which
+releases them when the request it is serving finishes, unless it handed them on in its own
+response. Every published tensor also has a lease that ends with its request's deadline.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Union
+import contextvars
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
-from .errors import ProtocolError
+from .errors import PayloadTooLargeError, ProtocolError
 from .protocol import (
     InlineTensor,
     RemoteTensor,
@@ -21,22 +29,32 @@ from .protocol import (
     inline_array,
 )
 
+if TYPE_CHECKING:
+    from .data_plane.plane import DataPlane
+
 
 class Tensor:
-    """A named n-dimensional array, possibly not yet fetched."""
+    """A named n-dimensional array, fetched from its producer on first access."""
 
-    __slots__ = ("name", "_array", "_remote")
+    __slots__ = ("name", "_array", "_remote", "_data_plane")
 
-    def __init__(self, name: str, array: np.ndarray | None = None, remote: RemoteTensor | None = None):
-        if (array is None) == (remote is None):
-            raise ValueError("a Tensor holds either an array or a remote descriptor")
+    def __init__(
+        self,
+        name: str,
+        array: Any = None,
+        remote: RemoteTensor | None = None,
+        data_plane: DataPlane | None = None,
+    ):
+        if array is None and remote is None:
+            raise ValueError("a Tensor needs an array or a remote descriptor")
         self.name = name
         self._array = array
         self._remote = remote
+        self._data_plane = data_plane
 
     @property
     def dtype(self) -> np.dtype | str:
-        """NumPy dtype, or ``'bytes'``/``'string'`` for variable-length elements of a remote tensor."""
+        """NumPy dtype, or ``'bytes'``/``'string'`` for variable-length elements not yet fetched."""
         if self._array is not None:
             return self._array.dtype
         assert self._remote is not None
@@ -45,38 +63,54 @@ class Tensor:
     @property
     def shape(self) -> tuple[int, ...]:
         if self._array is not None:
-            return self._array.shape
+            return tuple(self._array.shape)
         assert self._remote is not None
         return self._remote.shape
 
     @property
     def is_local(self) -> bool:
+        """True once the values are in this process."""
         return self._array is not None
 
     @property
     def descriptor(self) -> RemoteTensor | None:
-        """The data-plane descriptor of a tensor that lives elsewhere."""
+        """The data-plane descriptor, for a tensor another process published."""
         return self._remote
 
-    async def array(self) -> np.ndarray:
-        """The tensor's values. Arrays decoded from a message are read-only views."""
+    async def array(self, memory_type: str = "cpu") -> Any:
+        """The values: NumPy (read-only when decoded from a message), or CuPy for ``'gpu'``."""
         if self._array is None:
             assert self._remote is not None
-            raise ProtocolError(
-                f"tensor {self.name!r} is held by the data plane at {self._remote.address}, "
-                "and no data plane is configured in this process"
-            )
-        return self._array
+            if self._data_plane is None:
+                raise ProtocolError(
+                    f"tensor {self.name!r} is held by the data plane at {self._remote.address}, "
+                    "and no data plane is configured in this process"
+                )
+            self._array = await self._data_plane.fetch(self._remote, memory_type)
+        return _on(self._array, memory_type)
 
     def __repr__(self) -> str:
         where = "local" if self.is_local else "remote"
         return f"Tensor({self.name!r}, dtype={self.dtype}, shape={self.shape}, {where})"
 
 
-TensorLike = Union[Tensor, np.ndarray]
+TensorLike = Union[Tensor, np.ndarray, Any]
 
 
-def decode_tensors(descriptors: list[TensorDescriptor], body: memoryview) -> dict[str, Tensor]:
+def _on(array: Any, memory_type: str) -> Any:
+    on_gpu = hasattr(array, "__cuda_array_interface__")
+    if memory_type == "gpu" and not on_gpu:
+        import cupy
+
+        return cupy.asarray(array)
+    if memory_type != "gpu" and on_gpu:
+        return array.get()
+    return array
+
+
+def decode_tensors(
+    descriptors: list[TensorDescriptor], body: memoryview, data_plane: DataPlane | None = None
+) -> dict[str, Tensor]:
     """Tensor handles for the descriptors of a received message."""
     tensors: dict[str, Tensor] = {}
     for desc in descriptors:
@@ -85,21 +119,83 @@ def decode_tensors(descriptors: list[TensorDescriptor], body: memoryview) -> dic
         if isinstance(desc, InlineTensor):
             tensors[desc.name] = Tensor(desc.name, array=inline_array(desc, body))
         else:
-            tensors[desc.name] = Tensor(desc.name, remote=desc)
+            tensors[desc.name] = Tensor(desc.name, remote=desc, data_plane=data_plane)
     return tensors
 
 
-def encode_tensors(tensors: Mapping[str, TensorLike]) -> tuple[list[TensorDescriptor], list[memoryview]]:
-    """Descriptors and inline buffers for sending ``tensors``; remote handles are forwarded."""
-    local: dict[str, np.ndarray] = {}
-    forwarded: list[TensorDescriptor] = []
+@dataclass
+class EncodedTensors:
+    """Tensors ready for a message: inline bytes, plus what went to (or came from) a data plane."""
+
+    descriptors: list[TensorDescriptor]
+    buffers: list[memoryview]
+    published: list[RemoteTensor] = field(default_factory=list)
+    forwarded: list[RemoteTensor] = field(default_factory=list)
+
+    @property
+    def remote(self) -> list[RemoteTensor]:
+        return self.published + self.forwarded
+
+
+async def encode_tensors(
+    tensors: Mapping[str, TensorLike], data_plane: DataPlane | None = None, lease_s: float = 30.0
+) -> EncodedTensors:
+    """Describe ``tensors`` for a message: small ones inline, large ones published, handles forwarded."""
+    inline: dict[str, np.ndarray] = {}
+    encoded = EncodedTensors([], [])
     for name, value in tensors.items():
         if isinstance(value, Tensor):
             if value.descriptor is not None:
-                forwarded.append(value.descriptor.model_copy(update={"name": name}))
+                encoded.forwarded.append(value.descriptor.model_copy(update={"name": name}))
                 continue
-            assert value._array is not None
             value = value._array
-        local[name] = value
-    descriptors, buffers = encode_inline_tensors(local)
-    return descriptors + forwarded, buffers
+        if data_plane is not None and data_plane.should_publish(value):
+            encoded.published.append(await data_plane.publish(name, value, lease_s))
+        elif hasattr(value, "__cuda_array_interface__"):
+            raise ProtocolError(f"tensor {name!r} is on a GPU and this process has no data plane")
+        else:
+            inline[name] = value
+    encoded.descriptors, encoded.buffers = encode_inline_tensors(inline)
+    encoded.descriptors += encoded.remote
+    return encoded
+
+
+def check_payload(size: int, limit: int, descriptors: Iterable[TensorDescriptor], what: str) -> None:
+    """Fail at once, naming the largest inline tensor, when a message exceeds ``limit`` bytes."""
+    if size <= limit:
+        return
+    inline = [d for d in descriptors if isinstance(d, InlineTensor)]
+    biggest = max(inline, key=lambda d: d.nbytes, default=None)
+    culprit = f"; its largest inline tensor is {biggest.name!r} ({biggest.nbytes} bytes)" if biggest else ""
+    raise PayloadTooLargeError(
+        f"{what} of {size} bytes exceeds the NATS max payload of {limit} bytes{culprit}. "
+        "Tensors above data_plane.inline_threshold_bytes travel over the data plane instead."
+    )
+
+
+# --- ownership ---------------------------------------------------------------------------
+
+
+class TensorScope:
+    """Remote tensors received while serving one request (batch), released when it finishes."""
+
+    def __init__(self) -> None:
+        self._received: dict[tuple[str, str], RemoteTensor] = {}
+        self._handed_on: set[tuple[str, str]] = set()
+
+    def adopt(self, descriptors: Iterable[RemoteTensor]) -> None:
+        """Tensors that arrived in a response: ours to release."""
+        for desc in descriptors:
+            self._received[(desc.address, desc.tensor_id)] = desc
+
+    def hand_on(self, descriptors: Iterable[RemoteTensor]) -> None:
+        """Tensors we sent on in our own response: the receiver releases them now."""
+        self._handed_on.update((d.address, d.tensor_id) for d in descriptors)
+
+    def to_release(self) -> list[RemoteTensor]:
+        return [d for key, d in self._received.items() if key not in self._handed_on]
+
+
+current_scope: contextvars.ContextVar[TensorScope | None] = contextvars.ContextVar(
+    "pipeline_runner_tensor_scope", default=None
+)

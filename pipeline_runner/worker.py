@@ -24,14 +24,22 @@ from typing import Any
 from nats.aio.msg import Msg
 from pydantic import BaseModel, ConfigDict
 
-from .config import OperatorConfig
+from .config import DataPlaneConfig, OperatorConfig
+from .data_plane.plane import DataPlane
 from .errors import BadInputError, OperatorError, ProtocolError, RunnerError
 from .loader import load_operator_class
 from .operator import Operator, OperatorContext, Request
 from .protocol import ErrorInfo, ResponseHeader, decode_request, encode_message
 from .remote import Connection, current_deadline, set_default_connection
-from .request_plane import RequestPlane, operator_subject, queue_group
-from .tensor import TensorLike, decode_tensors, encode_tensors
+from .request_plane import RequestPlane, operator_subject, queue_group, stats_subject
+from .tensor import (
+    TensorLike,
+    TensorScope,
+    check_payload,
+    current_scope,
+    decode_tensors,
+    encode_tensors,
+)
 
 STATUS_FD_ENV = "PIPELINE_RUNNER_STATUS_FD"
 log = logging.getLogger("pipeline_runner.worker")
@@ -44,6 +52,7 @@ class WorkerSpec(BaseModel):
 
     deployment: str
     operator: OperatorConfig
+    data_plane: DataPlaneConfig = DataPlaneConfig()
     index: int
     nats_url: str
     root: str
@@ -60,10 +69,11 @@ class WorkerSpec(BaseModel):
 class Worker:
     """Serves one operator: pulls requests, runs batches, sends responses."""
 
-    def __init__(self, spec: WorkerSpec, operator: Operator, plane: RequestPlane):
+    def __init__(self, spec: WorkerSpec, operator: Operator, plane: RequestPlane, data_plane: DataPlane):
         self.spec = spec
         self.operator = operator
         self.plane = plane
+        self.data_plane = data_plane
         op = spec.operator
         self._subject = operator_subject(spec.deployment, op.name, op.version)
         self._queue: asyncio.Queue[Msg] = asyncio.Queue()
@@ -81,6 +91,7 @@ class Worker:
         sub = await self.plane.serve(
             self._subject, queue_group(self.spec.deployment, op.name, op.version), self._on_message
         )
+        stats_sub = await self.plane.nats.subscribe(stats_subject(self.spec.deployment), cb=self._on_stats)
         dispatcher = asyncio.create_task(self._dispatch())
         log.info("serving %s as %s", self._subject, self.spec.worker_id)
         if on_ready:
@@ -92,7 +103,23 @@ class Worker:
         while (self._queue.qsize() or self._tasks) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         dispatcher.cancel()
+        await self.plane.stop_serving(stats_sub)
         log.info("stopped after serving %d requests", self.served)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "worker": self.spec.worker_id,
+            "operator": self.spec.operator.name,
+            "pid": os.getpid(),
+            "served": self.served,
+            "in_flight": len(self._tasks),
+            "queued": self._queue.qsize(),
+            "data_plane": self.data_plane.stats(),
+        }
+
+    async def _on_stats(self, msg: Msg) -> None:
+        if msg.reply:
+            await self.plane.publish(msg.reply, json.dumps(self.stats()).encode())
 
     async def _on_message(self, msg: Msg) -> None:
         self._queue.put_nowait(msg)
@@ -124,11 +151,11 @@ class Worker:
     async def _decode(self, msg: Msg) -> Request | None:
         try:
             header, body = decode_request(msg.data)
-            inputs = decode_tensors(header.tensors, body)
+            inputs = decode_tensors(header.tensors, body, self.data_plane)
         except ProtocolError as exc:
             log.warning("rejected malformed request on %s: %s", msg.subject, exc)
             if msg.reply:
-                await self._send(msg.reply, "", {}, {}, True, ("bad_request", str(exc)))
+                await self._send(msg.reply, "", {}, {}, True, ("bad_request", str(exc)), 0.0)
             return None
         deadline = time.monotonic() + header.timeout_s
 
@@ -138,12 +165,15 @@ class Worker:
             final: bool,
             error: tuple[str, str] | None,
         ) -> None:
-            await self._send(header.reply_to, header.id, outputs, parameters, final, error)
+            lease_s = max(deadline - time.monotonic(), 0.0)
+            await self._send(header.reply_to, header.id, outputs, parameters, final, error, lease_s)
 
         return Request(header.id, header.parameters, inputs, deadline, responder)
 
     async def _execute(self, requests: list[Request]) -> None:
         token = current_deadline.set(max(r.deadline for r in requests))
+        scope = TensorScope()
+        scope_token = current_scope.set(scope)
         try:
             await self.operator.execute(requests)
         except BadInputError as exc:
@@ -159,6 +189,8 @@ class Worker:
             )
         finally:
             current_deadline.reset(token)
+            current_scope.reset(scope_token)
+            self.data_plane.release(scope.to_release())
             self.served += len(requests)
 
     async def _fail_unanswered(self, requests: list[Request], code: str, message: str) -> None:
@@ -175,17 +207,23 @@ class Worker:
         parameters: Mapping[str, Any],
         final: bool,
         error: tuple[str, str] | None,
+        lease_s: float,
     ) -> None:
-        descriptors, buffers = encode_tensors(outputs)
+        encoded = await encode_tensors(outputs, self.data_plane, lease_s)
         header = ResponseHeader(
             id=request_id,
             final=final,
             error=ErrorInfo(code=error[0], message=error[1]) if error else None,
             parameters=dict(parameters),
-            tensors=descriptors,
+            tensors=encoded.descriptors,
             worker=self.spec.worker_id,
         )
-        await self.plane.publish(reply_to, encode_message(header, buffers))
+        payload = encode_message(header, encoded.buffers)
+        check_payload(len(payload), self.plane.max_payload, encoded.descriptors, "response")
+        scope = current_scope.get()
+        if scope is not None:
+            scope.hand_on(encoded.forwarded)
+        await self.plane.publish(reply_to, payload)
 
 
 # --- process entry point -----------------------------------------------------------------
@@ -214,7 +252,9 @@ async def run_worker(spec: WorkerSpec) -> None:
     op = spec.operator
     operator_cls = load_operator_class(op.implementation, Path(spec.root))
     plane = await RequestPlane.connect(spec.nats_url, name=f"{spec.deployment}.{spec.worker_id}")
-    set_default_connection(Connection(plane, spec.deployment, spec.request_timeout_s))
+    data_plane = DataPlane(spec.data_plane)
+    await data_plane.start()
+    set_default_connection(Connection(plane, spec.deployment, spec.request_timeout_s, data_plane))
     context = OperatorContext(
         deployment=spec.deployment,
         operator=op.name,
@@ -225,12 +265,13 @@ async def run_worker(spec: WorkerSpec) -> None:
     )
     operator = operator_cls(context)
     await operator.setup()
-    worker = Worker(spec, operator, plane)
+    worker = Worker(spec, operator, plane, data_plane)
     try:
         await worker.serve(on_ready=lambda: _report("ready", pid=os.getpid()))
     finally:
         with contextlib.suppress(Exception):
             await operator.teardown()
+        await data_plane.stop()
         await plane.close()
 
 

@@ -63,7 +63,10 @@ async def running(
 async def connected(deployment: Deployment, timeout_s: float = 10.0) -> AsyncIterator[Connection]:
     assert deployment.nats_url is not None
     connection = await Connection.connect(
-        deployment.nats_url, deployment.config.name, default_timeout_s=timeout_s
+        deployment.nats_url,
+        deployment.config.name,
+        default_timeout_s=timeout_s,
+        data_plane=deployment.config.data_plane,
     )
     try:
         yield connection

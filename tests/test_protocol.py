@@ -23,10 +23,10 @@ NUMERIC = [
 SHAPES = [(), (0,), (5,), (2, 3), (2, 0, 4), (1, 1, 1, 3)]
 
 
-def _round_trip(tensors: dict[str, np.ndarray]) -> dict[str, Tensor]:
-    descriptors, buffers = encode_tensors(tensors)
-    header = RequestHeader(id="r1", reply_to="_INBOX.x.r1", timeout_s=1.0, tensors=descriptors)
-    decoded_header, body = decode_request(encode_message(header, buffers))
+async def _round_trip(tensors: dict[str, np.ndarray]) -> dict[str, Tensor]:
+    encoded = await encode_tensors(tensors)
+    header = RequestHeader(id="r1", reply_to="_INBOX.x.r1", timeout_s=1.0, tensors=encoded.descriptors)
+    decoded_header, body = decode_request(encode_message(header, encoded.buffers))
     assert decoded_header.id == "r1" and decoded_header.reply_to == "_INBOX.x.r1"
     return decode_tensors(decoded_header.tensors, body)
 
@@ -36,7 +36,7 @@ def _round_trip(tensors: dict[str, np.ndarray]) -> dict[str, Tensor]:
 async def test_numeric_and_bool_tensors_round_trip_exactly(dtype: str, shape: tuple[int, ...]) -> None:
     rng = np.random.default_rng(0)
     array = (rng.standard_normal(shape) * 100).astype(dtype)
-    out = await _round_trip({"t": array})["t"].array()
+    out = await (await _round_trip({"t": array}))["t"].array()
     assert out.dtype == array.dtype and out.shape == array.shape
     assert out.tobytes() == array.tobytes()
 
@@ -45,7 +45,7 @@ async def test_big_endian_and_non_contiguous_arrays_keep_their_values() -> None:
     big_endian = np.arange(6, dtype=">i4").reshape(2, 3)
     strided = np.arange(20, dtype=np.float32)[::3]
     transposed = np.arange(12, dtype=np.int16).reshape(3, 4).T
-    decoded = _round_trip({"be": big_endian, "strided": strided, "t": transposed})
+    decoded = await _round_trip({"be": big_endian, "strided": strided, "t": transposed})
     for name, original in (("be", big_endian), ("strided", strided), ("t", transposed)):
         out = await decoded[name].array()
         np.testing.assert_array_equal(out, original)
@@ -57,7 +57,7 @@ async def test_bytes_and_strings_round_trip_including_empty_and_unicode(shape: t
     count = int(np.prod(shape))
     raw = np.array([b"", b"\x00\xff", b"abc", b"longer value"][:count] * 2, dtype=object)[:count]
     text = np.array(["", "héllo", "日本", "x"][:count] * 2, dtype=object)[:count]
-    decoded = _round_trip({"raw": raw.reshape(shape), "text": text.reshape(shape)})
+    decoded = await _round_trip({"raw": raw.reshape(shape), "text": text.reshape(shape)})
     out_raw, out_text = await decoded["raw"].array(), await decoded["text"].array()
     assert out_raw.shape == shape and out_text.shape == shape
     assert out_raw.reshape(-1).tolist() == raw.tolist()
@@ -66,24 +66,25 @@ async def test_bytes_and_strings_round_trip_including_empty_and_unicode(shape: t
 
 async def test_fixed_width_numpy_strings_round_trip() -> None:
     array = np.array(["ab", "cde"], dtype="<U3")
-    out = await _round_trip({"s": array})["s"].array()
+    out = await (await _round_trip({"s": array}))["s"].array()
     assert out.dtype == array.dtype and out.tolist() == ["ab", "cde"]
 
 
-def test_object_arrays_of_other_python_objects_are_refused() -> None:
+async def test_object_arrays_of_other_python_objects_are_refused() -> None:
     with pytest.raises(ProtocolError, match="only bytes or only str"):
-        encode_tensors({"bad": np.array([1, "a"], dtype=object)})
+        await encode_tensors({"bad": np.array([1, "a"], dtype=object)})
 
 
-def test_remote_descriptors_are_forwarded_without_their_bytes() -> None:
+async def test_remote_descriptors_are_forwarded_without_their_bytes() -> None:
     remote = RemoteTensor(
         name="x", dtype="<f4", shape=(1024, 1024), nbytes=4 << 20,
         address="ucx://10.0.0.1:1234", tensor_id="abc",
     )  # fmt: skip
-    descriptors, buffers = encode_tensors({"forwarded": Tensor("x", remote=remote)})
-    assert buffers == []
-    assert descriptors[0].kind == "remote" and descriptors[0].name == "forwarded"
-    assert descriptors[0].tensor_id == "abc"
+    encoded = await encode_tensors({"forwarded": Tensor("x", remote=remote)})
+    assert encoded.buffers == [] and encoded.published == []
+    assert encoded.descriptors[0].kind == "remote" and encoded.descriptors[0].name == "forwarded"
+    assert encoded.descriptors[0].tensor_id == "abc"
+    assert encoded.forwarded == encoded.descriptors
 
 
 async def test_a_remote_tensor_without_a_data_plane_fails_clearly() -> None:
@@ -114,8 +115,9 @@ def test_malformed_requests_raise_protocol_errors(payload: bytes, message: str) 
         decode_request(payload)
 
 
-def test_a_tensor_whose_bytes_do_not_match_its_shape_is_rejected() -> None:
-    descriptors, buffers = encode_tensors({"t": np.arange(4, dtype=np.int32)})
+async def test_a_tensor_whose_bytes_do_not_match_its_shape_is_rejected() -> None:
+    encoded = await encode_tensors({"t": np.arange(4, dtype=np.int32)})
+    descriptors, buffers = encoded.descriptors, encoded.buffers
     lying = descriptors[0].model_copy(update={"shape": (5,)})
     header = RequestHeader(id="r", reply_to="x", timeout_s=1, tensors=[lying])
     decoded, body = decode_request(encode_message(header, buffers))
@@ -123,8 +125,9 @@ def test_a_tensor_whose_bytes_do_not_match_its_shape_is_rejected() -> None:
         decode_tensors(decoded.tensors, body)
 
 
-def test_a_pickled_dtype_is_never_accepted() -> None:
-    descriptors, buffers = encode_tensors({"t": np.arange(2, dtype=np.int64)})
+async def test_a_pickled_dtype_is_never_accepted() -> None:
+    encoded = await encode_tensors({"t": np.arange(2, dtype=np.int64)})
+    descriptors, buffers = encoded.descriptors, encoded.buffers
     header = RequestHeader(
         id="r", reply_to="x", timeout_s=1, tensors=[descriptors[0].model_copy(update={"dtype": "|O"})]
     )

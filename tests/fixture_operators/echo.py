@@ -77,3 +77,44 @@ class Inflate(Operator):
     async def execute(self, requests: list[Request]) -> None:
         for request in requests:
             await request.respond({"blob": np.zeros(int(request.parameters["nbytes"]), np.uint8)})
+
+
+class Copy(Operator):
+    """Reads every input into this process and answers with fresh copies (so they are re-published)."""
+
+    async def execute(self, requests: list[Request]) -> None:
+        for request in requests:
+            outputs = {}
+            for name, tensor in request.inputs.items():
+                value = await tensor.array()
+                outputs[name] = value.copy()
+            await request.respond(outputs)
+
+
+class Chain(Operator):
+    """Adds 1 to ``input`` and passes the result to the operator named by parameter ``next``."""
+
+    async def execute(self, requests: list[Request]) -> None:
+        from pipeline_runner import RemoteOperator
+
+        for request in requests:
+            x = await request.array("input")
+            y = x + np.ones(1, dtype=x.dtype)
+            next_name = self.parameters.get("next")
+            if next_name:
+                response = await RemoteOperator(next_name).infer({"input": y})
+                await request.respond({"output": response.outputs["output"]})
+            else:
+                await request.respond({"output": y})
+
+
+class Holder(Operator):
+    """Asks ``producer`` for a big tensor, then holds on to it for ``hold`` seconds."""
+
+    async def execute(self, requests: list[Request]) -> None:
+        from pipeline_runner import RemoteOperator
+
+        for request in requests:
+            await RemoteOperator("producer").infer(request.inputs, parameters=request.parameters)
+            await asyncio.sleep(float(request.parameters.get("hold", 60)))
+            await request.respond()

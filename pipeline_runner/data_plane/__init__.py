@@ -1,0 +1,1 @@
+"""The data plane: large tensors point to point over UCX."""

@@ -1,0 +1,181 @@
+"""The data plane of one process: publishes large tensors and fetches other processes' tensors.
+
+Tensors are published with a lease (the deadline of the request they belong to) and freed when
+their owner releases them or the lease ends, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from ..config import DataPlaneConfig
+from ..protocol import RemoteTensor, array_from_bytes, tensor_bytes
+from .errors import DataPlaneError
+from .store import TensorStore
+
+log = logging.getLogger(__name__)
+
+# A consumer may fetch a tensor just as its request's deadline passes; keep it a little longer.
+LEASE_GRACE_S = 5.0
+_SWEEP_INTERVAL_S = 0.5
+
+
+def is_device_array(value: Any) -> bool:
+    """True for GPU arrays (CuPy and anything with ``__cuda_array_interface__``)."""
+    return hasattr(value, "__cuda_array_interface__")
+
+
+class DataPlane:
+    """Large-tensor transfer for one process, over UCX."""
+
+    def __init__(self, config: DataPlaneConfig | None = None):
+        self.config = config or DataPlaneConfig()
+        self.store = TensorStore()
+        self.fetched_from: Counter[str] = Counter()
+        self._transport: Any = None
+        self._start_lock = asyncio.Lock()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def threshold(self) -> int:
+        return self.config.inline_threshold_bytes
+
+    @property
+    def started(self) -> bool:
+        return self._transport is not None
+
+    @property
+    def address(self) -> str:
+        if self._transport is None:
+            raise DataPlaneError("the data plane is not started")
+        address: str = self._transport.address
+        return address
+
+    async def start(self) -> None:
+        """Start the UCX endpoint (idempotent; clients start it on first use)."""
+        async with self._start_lock:
+            if self._transport is not None:
+                return
+            from .ucx_transport import UcxTransport  # imports ucxx: only when needed
+
+            transport = UcxTransport(self.store.get, host=self.config.host, on_release=self.store.release)
+            await transport.start()
+            self._transport = transport
+            self._sweeper = asyncio.create_task(self._sweep())
+            log.info("data plane listening at %s", transport.address)
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for task in list(self._background):
+            task.cancel()
+        if self._transport is not None:
+            with contextlib.suppress(Exception):
+                await self._transport.stop()
+            self._transport = None
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(_SWEEP_INTERVAL_S)
+            freed = self.store.expire()
+            if freed:
+                log.debug("freed %d tensors whose lease ended", freed)
+
+    def should_publish(self, array: Any) -> bool:
+        """Device arrays always, host arrays above the inline threshold."""
+        return is_device_array(array) or array.nbytes > self.threshold
+
+    async def publish(self, name: str, array: Any, lease_s: float) -> RemoteTensor:
+        """Keep ``array`` here for peers to fetch and describe it for a message."""
+        await self.start()
+        lease = lease_s + LEASE_GRACE_S
+        if is_device_array(array):
+            import cupy  # only reached with a CuPy array in hand
+
+            contiguous = cupy.ascontiguousarray(array)
+            flat = contiguous.reshape(-1).view(cupy.uint8)
+            tensor_id = self.store.put(flat, contiguous.nbytes, lease)
+            return RemoteTensor(
+                name=name, dtype=contiguous.dtype.str, shape=contiguous.shape,
+                nbytes=contiguous.nbytes, address=self.address, tensor_id=tensor_id,
+                memory_type="gpu", device_id=contiguous.device.id,
+            )  # fmt: skip
+        dtype, data = tensor_bytes(name, np.asarray(array))
+        tensor_id = self.store.put(data, len(data), lease)
+        return RemoteTensor(
+            name=name, dtype=dtype, shape=np.shape(array), nbytes=len(data),
+            address=self.address, tensor_id=tensor_id,
+        )  # fmt: skip
+
+    async def fetch(self, desc: RemoteTensor, memory_type: str = "cpu") -> Any:
+        """The tensor ``desc`` describes: NumPy, or CuPy when ``memory_type`` is ``'gpu'``."""
+        await self.start()
+        want_gpu = memory_type == "gpu" and _is_fixed_width(desc.dtype)
+        if desc.address == self.address:  # our own tensor came back: no transfer
+            flat = self.store.get(desc.tensor_id)
+            if flat is None:
+                raise DataPlaneError(f"tensor {desc.name!r} ({desc.tensor_id}) was already freed here")
+            return _as_array(desc, flat, want_gpu)
+        if want_gpu:
+            import cupy
+
+            out: Any = cupy.empty(desc.nbytes, dtype=cupy.uint8)
+        else:
+            out = np.empty(desc.nbytes, dtype=np.uint8)
+        await self._transport.fetch(desc.address, desc.tensor_id, out, self.config.fetch_timeout_s)
+        self.fetched_from[desc.address] += 1
+        return _as_array(desc, out, want_gpu)
+
+    def release(self, descriptors: list[RemoteTensor]) -> None:
+        """Tell the producers these tensors are no longer needed (fire and forget)."""
+        by_address: dict[str, list[str]] = {}
+        for desc in descriptors:
+            by_address.setdefault(desc.address, []).append(desc.tensor_id)
+        for address, ids in by_address.items():
+            if self._transport is not None and address == self.address:
+                self.store.release(ids)
+            elif self._transport is not None:
+                task = asyncio.create_task(self._release_remote(address, ids))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _release_remote(self, address: str, ids: list[str]) -> None:
+        try:
+            await self._transport.release(address, ids)
+        except Exception as exc:  # the producer may be gone; its leases free the tensors
+            log.debug("release of %d tensors at %s failed: %s", len(ids), address, exc)
+
+    def stats(self) -> dict[str, Any]:
+        transport = dict(self._transport.stats) if self._transport is not None else {}
+        return {
+            "address": self._transport.address if self._transport else None,
+            "stored_tensors": len(self.store),
+            "stored_bytes": self.store.nbytes,
+            "fetched_from": dict(self.fetched_from),
+            **transport,
+        }
+
+
+def _as_array(desc: RemoteTensor, flat: Any, want_gpu: bool) -> Any:
+    """Give the flat bytes of a fetched or stored tensor its dtype and shape."""
+    if want_gpu:
+        import cupy
+
+        device_bytes = cupy.asarray(flat if is_device_array(flat) else np.frombuffer(flat, np.uint8))
+        return device_bytes.view(np.dtype(desc.dtype)).reshape(desc.shape)
+    if is_device_array(flat):
+        import cupy
+
+        flat = cupy.asnumpy(flat)
+    return array_from_bytes(desc.name, desc.dtype, desc.shape, memoryview(flat).cast("B"))
+
+
+def _is_fixed_width(dtype: str) -> bool:
+    return dtype not in ("bytes", "string")
