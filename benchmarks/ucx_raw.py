@@ -336,7 +336,7 @@ async def main() -> None:
             f"{gib['ucxx_async']:.2f}", f"{gib['transport']:.2f}", f"{row['transport_us']:.1f}",
             f"{row['transport_vs_raw']:.2f}", f"{row['transport_vs_raw_no_cma']:.2f}",
         )  # fmt: skip
-    Console().print(table)
+    Console(width=200).print(table)
     if args.json:
         args.json.write_text(json.dumps({"cpus": os.cpu_count(), "runs": args.runs, "rows": rows}, indent=2) + "\n")
 

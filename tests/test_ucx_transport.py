@@ -65,9 +65,9 @@ class Producer:
 
 
 @asynccontextmanager
-async def producer() -> AsyncIterator[Producer]:
+async def producer(*args: str) -> AsyncIterator[Producer]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "fixture_operators.ucx_peer",
+        sys.executable, "-m", "fixture_operators.ucx_peer", *args,
         cwd=TESTS_DIR, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     peer = Producer(proc)
@@ -126,9 +126,10 @@ async def test_32_concurrent_fetches_to_one_and_to_two_peers(consumer: UcxTransp
         outs = {i: np.empty(MiB, np.uint8) for i in expected}
         # 32 at once from one peer (ids of `first` fetched twice over), then 32 across both.
         one_peer = [i for i in expected if expected[i][0] is first] * 2
-        await asyncio.gather(
-            *(consumer.fetch(first.address, f"c{i}", out, 10.0) for i, out in zip(one_peer, [np.empty(MiB, np.uint8) for _ in one_peer]))
-        )  # fmt: skip
+        spare = [np.empty(MiB, np.uint8) for _ in one_peer]
+        await asyncio.gather(*(consumer.fetch(first.address, f"c{i}", out, 10.0) for i, out in zip(one_peer, spare)))
+        for i, out in zip(one_peer, spare):
+            assert np.array_equal(out, expected[i][1])
         await asyncio.gather(*(consumer.fetch(expected[i][0].address, f"c{i}", outs[i], 10.0) for i in expected))
         for i, (_, data) in expected.items():
             assert np.array_equal(outs[i], data), f"fetch {i} arrived corrupted"
@@ -197,6 +198,30 @@ async def test_producer_killed_mid_transfer_leaves_the_consumer_alive(consumer: 
         assert all(r is None or isinstance(r, DataPlaneError) for r in results), results
 
 
+async def test_a_peer_on_another_host_is_reached_over_tcp(consumer: UcxTransport) -> None:
+    # The peer claims another host: no shared memory, no pid to watch, UCX error handling on.
+    async with producer("--other-host") as peer:
+        for seed, size in enumerate([0, 1024, 4 * MiB]):
+            expected = await peer.put(f"t{size}", size, seed)
+            out = np.empty(size, np.uint8)
+            await consumer.fetch(peer.address, f"t{size}", out, 10.0)
+            assert np.array_equal(out, expected)
+        assert not consumer._peers[peer.address].local
+        with pytest.raises(DataPlaneError, match="no-such-tensor"):
+            await consumer.fetch(peer.address, "no-such-tensor", np.empty(8, np.uint8), 10.0)
+        await peer.put("big", 64 * MiB)
+        peer.signal(signal.SIGSTOP)
+        pending = asyncio.create_task(consumer.fetch(peer.address, "big", np.empty(64 * MiB, np.uint8), 20.0))
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        peer.signal(signal.SIGKILL)
+        with pytest.raises(DataPlaneError):
+            await pending
+        assert time.monotonic() - started < 2.0  # UCX notices the closed connection
+        with pytest.raises(DataPlaneError):
+            await consumer.fetch(peer.address, "big", np.empty(64 * MiB, np.uint8), 20.0)
+
+
 async def test_frozen_producer_times_out_then_recovers(consumer: UcxTransport) -> None:
     async with producer() as peer:
         expected = await peer.put("x", MiB, seed=5)
@@ -245,10 +270,12 @@ async def test_stop_is_idempotent_and_ends_fetching() -> None:
         await transport.stop()
         with pytest.raises(DataPlaneError, match="stopped"):
             await transport.fetch(peer.address, "x", np.empty(1024, np.uint8), 5.0)
-        # A stopped transport no longer answers; its process lives on, so its peers' fetches
-        # end at their deadline.
+        # A stopped transport no longer answers: its peers' fetches fail (UCX may notice the
+        # closed endpoint; if not, the deadline ends them, as the process lives on).
+        started = time.monotonic()
         answer = await peer.cmd(cmd="fetch", address=address, id="nothing", size=8, timeout=0.3)
-        assert "timed out" in answer["error"]
+        assert answer["error"].startswith("DataPlaneError")
+        assert time.monotonic() - started < 2.0
         assert await peer.cmd(cmd="stop") == {"ok": True}  # stops twice inside
 
 

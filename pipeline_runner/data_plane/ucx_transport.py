@@ -3,38 +3,40 @@
 ``UcxTransport`` moves the bytes of one buffer from the process that holds it (the producer)
 into a preallocated buffer of another process (the consumer). It knows nothing about operators,
 NATS or dtypes: a producer serves whatever its ``lookup(tensor_id)`` returns, and a consumer asks
-``fetch(address, tensor_id, out, timeout_s)``.
+``fetch(address, tensor_id, out, timeout_s)``. ucxx is imported by ``start()``, not here.
 
-Design (chosen by measurement; benchmarks/ucx_raw.py compares it with plain ucxx):
+Design, chosen by measurement (2 cores, no GPU; benchmarks/ucx_raw.py compares with plain ucxx):
 
-* One UCX context and worker per transport, used through ucxx's low-level API
-  (``ucxx._lib.libucxx``), not its asyncio layer. The address is the worker address plus the
-  identity of the owning process. Endpoints are created from worker addresses
-  (``create_from_worker_address``): between processes of one host UCX then uses shared memory
-  (``sysv`` eager for small messages, ``cma`` zero-copy rendezvous for large ones), and across
-  hosts ``tcp``. Measured alternatives: a listener + ``create_endpoint`` always goes through tcp
-  (0.8-1.5 GiB/s on loopback), and UCX endpoint error handling (``UCP_ERR_HANDLING_MODE_PEER``)
-  also rules shared memory out here (2 GiB/s instead of 12 at 16 MiB).
-* Protocol on tags: the consumer sends a control message (its own address, the tensor id, the
-  size it expects, a reply tag ``2k``) to the producer's control tag and posts two receives on
-  its endpoint to the producer: the payload, straight into ``out`` (tag ``2k+1``), and a status
+* One UCX context and worker per transport, through ucxx's low-level API (``ucxx._lib.libucxx``),
+  not its asyncio layer. The address is the worker address plus the identity of the owning
+  process (boot id, pid namespace, pid, start time). Endpoints are created from worker addresses
+  (``create_from_worker_address``), cached per peer and used in both directions: between
+  processes of one host UCX then moves data through shared memory (sysv), across hosts over tcp.
+  Rejected by the numbers: a listener + ``create_endpoint`` always goes over tcp (0.6-1.0 GiB/s
+  at 1-256 MiB in ucxx's thread mode, 2.0-2.4 in polling mode), and so does any endpoint with UCX
+  error handling (``UCP_ERR_HANDLING_MODE_PEER`` makes every shared-memory transport
+  unreachable: 2 GiB/s instead of 11-12 at 16 MiB). Active messages: 8.0 / 6.3 / 2.1 GiB/s at
+  1 / 16 / 256 MiB against 16.8 / 12.5 / 4.8-6.2 for tag send/recv (the receiver allocates the
+  buffer and a copy into ``out`` follows).
+* Tag protocol: the consumer sends a control message (its address, the tensor id, the size it
+  expects, a reply tag ``2k``) to the producer's control tag and posts two receives on its
+  endpoint to the producer: the payload straight into ``out`` (tag ``2k+1``) and a status
   (tag ``2k``). The producer answers with the payload when it can serve it, else with a status
-  (unknown id, size mismatch; or OK for an empty tensor). Endpoints are cached per peer address
-  and used in both directions.
+  (unknown id, size mismatch; or OK for an empty tensor); whichever arrives cancels the other.
 * Progress runs on the event loop, without a thread. While a request of ours is in flight the
-  worker is polled between other tasks (``asyncio.sleep(0)``), and for ``_LINGER_S`` after the
-  last completion; otherwise the worker is armed and the loop sleeps on its epoll descriptor,
-  so an idle transport uses no CPU. Completions run callbacks directly (no task switch per
-  message). Alternatives measured on this 2-core machine (1 MiB / 16 MiB / 256 MiB GiB/s,
-  8-byte round trip, idle CPU of both processes): this scheme 11.2 / 12.3 / 6.1, 22 us, 0 %;
-  ucxx ``polling`` mode 11.7 / 12.2 / 6.1, 17 us, 100 % each; ``thread`` mode 2.5 / 6.0 / 3.6,
-  65 us, and a posted receive spins the loop (101 %); ``thread`` + Python futures
-  2.8 / 9.9 / 5.9, 213 us, 2.5 %.
-* Peer death: endpoints between processes of one host have no UCX error handling (it would cost
-  the shared-memory transports), so the transport watches the peer process itself through a
-  pidfd (the address names the process): when it exits, what is in flight with it fails at once
-  and its endpoint is dropped. Peers on other hosts (or in another pid namespace) get endpoints
-  with UCX error handling, over tcp. Every fetch also has its own deadline.
+  worker is polled between the loop's other tasks, and for ``_LINGER_S`` after the last
+  completion; otherwise the worker is armed and the loop sleeps on its epoll descriptor, so an
+  idle transport costs no CPU. Completions run callbacks directly. Measured with the same
+  exchange (no cma; 1 / 16 / 256 MiB GiB/s, 1 KiB round trip, idle CPU of consumer / producer):
+  this scheme 8.4 / 11.6 / 7.3, 22 us, 0 % / 0 % (without lingering: 4.3 / 10.6 / 7.6, 55 us);
+  ucxx's ``polling`` mode 9.3 / 11.9 / 7.5, 17 us, 100 % / 100 %; ``thread`` mode 1.6 / 4.3 /
+  3.2, 108 us, and a receive waiting for requests spins the loop (1 % / 101 %); ``thread`` with
+  Python futures 2.2 / 8.8 / 7.4, 170 us, 2 % / 3 %.
+* Peer death: endpoints between processes of one host cannot have UCX error handling (see
+  above), so the transport watches the peer process itself through a pidfd: when it exits, what
+  is in flight with it fails at once and its endpoint is dropped. Peers on other hosts (or in
+  another pid namespace) get endpoints with UCX error handling, over tcp. Every fetch also has
+  its own deadline; a live peer that misses it keeps its endpoint.
 """
 
 from __future__ import annotations
@@ -56,13 +58,14 @@ from .errors import DataPlaneError
 
 # UCX reads its configuration from the environment when a context is created, so these are
 # set here, before ``start()`` imports ucxx; setdefault lets a user's own setting win.
-# - No cma. Between processes of one host UCX would move large messages with cma
-#   (process_vm_readv by the receiver), but without UCX endpoint error handling (which rules
-#   out every shared-memory transport, see above) a cma read from a producer that died
-#   mid-transfer is fatal: UCX aborts the *consumer* process ("process_vm_readv ... No such
-#   process"). Without cma, large messages are pipelined through sysv shared memory (copy in,
-#   copy out), where a dead peer only stops the pipeline. Measured, plain ucxx 1 / 16 / 256 MiB:
-#   cma 17.6 / 13.0 / 6.2 GiB/s, sysv 11.2 / 11.9 / 7.4 GiB/s.
+# - UCX_TLS=^cma. Between processes of one host UCX would move large messages with cma
+#   (process_vm_readv by the receiver), but without endpoint error handling (which rules out
+#   every shared-memory transport, see above) a cma read from a producer that died mid-transfer
+#   is fatal: UCX aborts the *consumer* process ("cma_ep.c process_vm_readv(...) returned -1: No
+#   such process", then SIGABRT). Without cma, large messages are pipelined through sysv shared
+#   memory (copy in, copy out), where a dead peer only stops the pipeline. Plain ucxx between
+#   two processes, 1 / 16 / 256 MiB: with cma 16.8 / 12.5 / 4.8-6.2 GiB/s, without 11.5 / 12.1 /
+#   7.4 GiB/s (both processes copy, in parallel). Tcp (other hosts) is unaffected.
 os.environ.setdefault("UCX_TLS", "^cma")
 # - ucxx sets UCX_MEMTYPE_CACHE=n, which this UCX (1.21) no longer knows: without this every
 #   process prints "UCX WARN unused environment variable" (on stdout) when the transport starts.
@@ -104,6 +107,7 @@ _SERVE_GRACE_S = 2.0
 # Receives still posted to a peer that exited are dropped (cancelled) this long after.
 _ORPHAN_GRACE_S = 2.0
 
+_NEVER_DROPPED: list[Any] = []  # see _Progress.keep
 _ucx: Any = None  # ucxx._lib.libucxx, imported by the first start()
 _Array: Any = None  # ucxx._lib.arr.Array
 
@@ -127,10 +131,13 @@ class UcxTransport:
 
     ``lookup(tensor_id)`` returns the buffer to serve for an id (a C-contiguous NumPy array,
     memoryview or bytes, or a device array with ``__cuda_array_interface__`` such as CuPy), or
-    None when the id is unknown or freed. ``on_release(ids)`` is called when a consumer says it
-    is done with ids (see ``release``). ``host`` is the address of the network interface that
-    peers on other hosts reach this process through (tcp; "0.0.0.0": every interface); peers
-    on this host use shared memory whatever it is.
+    None when the id is unknown or freed. Device arrays go to ucxx as they are (this module
+    never imports CuPy); UCX progresses on the event loop's thread, which must have their
+    device's CUDA context current (CuPy makes it current when it allocates there).
+    ``on_release(ids)`` is called when a consumer says it is done with ids (see ``release``).
+    ``host`` is the address of the network interface that peers on other hosts reach this
+    process through (tcp; "0.0.0.0": every interface); peers on this host use shared memory
+    whatever it is.
     """
 
     def __init__(
@@ -165,7 +172,10 @@ class UcxTransport:
             return
         loop = asyncio.get_running_loop()
         if _ucx is None:
-            await asyncio.to_thread(_import_ucxx)  # the loop (and its NATS client) keeps running
+            try:
+                await asyncio.to_thread(_import_ucxx)  # the loop (and its NATS client) keeps running
+            except ImportError as exc:
+                raise DataPlaneError(f"the UCX data plane needs ucxx (pip install ucxx-cu12): {exc}") from exc
         if self._worker is not None or self._stopped:  # raced with another start() or stop()
             return
         options = {}
@@ -231,6 +241,8 @@ class UcxTransport:
         loop = self._loop
         assert loop is not None
         target, nbytes = _writable_buffer(out)
+        if target is not None and target.cuda and not self._context.cuda_support:
+            raise DataPlaneError("cannot fetch into a device array: this UCX has no CUDA support here")
         id_bytes = tensor_id.encode("utf-8")
         if len(id_bytes) > _MAX_ID_BYTES:
             raise DataPlaneError(f"tensor id is too long ({len(id_bytes)} bytes): {tensor_id[:64]!r}...")
@@ -257,8 +269,8 @@ class UcxTransport:
         if op.status_req is not None:  # (None if the payload already completed and cancelled it)
             progress.watch(op.status_req, op.on_status, keep=op.status)
         progress.watch(op.ctrl_req, op.on_ctrl, keep=ctrl)
-        # A cancelled caller leaves ``op`` to finish (or expire) through its callbacks, so UCX
-        # never writes into a buffer nobody holds and no receive stays posted forever.
+        # A cancelled caller leaves ``op`` to finish (or expire) through its callbacks; ``out``
+        # stays referenced for as long as UCX may write into it.
         await op.future
 
     async def release(self, address: str, tensor_ids: list[str]) -> None:
@@ -364,22 +376,26 @@ class UcxTransport:
             log.exception("lookup of %r failed", tensor_id)
             return _FAILED, _message(f"lookup of tensor {tensor_id!r} failed at the producer: {exc!r}"), None, 0
         if obj is None:
-            return _UNKNOWN, _message(f"unknown tensor id {tensor_id!r}: never published or already freed at the producer"), None, 0  # fmt: skip
+            text = f"unknown tensor id {tensor_id!r}: never published or already freed at the producer"
+            return _UNKNOWN, _message(text), None, 0
         try:
             buffer, served = _readable_buffer(obj)
+            if buffer is not None and buffer.cuda and not self._context.cuda_support:
+                raise ValueError("it is a device array and this UCX has no CUDA support here")
         except Exception as exc:
             return _FAILED, _message(f"tensor {tensor_id!r} cannot be served: {exc}"), None, 0
         if served != nbytes:
-            return _SIZE_MISMATCH, _message(
-                f"size mismatch for tensor {tensor_id!r}: the producer has {served} bytes, the consumer expects {nbytes}"
-            ), None, served  # fmt: skip
+            text = f"size mismatch for tensor {tensor_id!r}: the producer has {served} bytes, the consumer expects {nbytes}"
+            return _SIZE_MISMATCH, _message(text), None, served
         return _OK, b"", buffer, served
 
     # ----------------------------------------------------------------- peers
 
     def _running(self) -> _Progress:
         if self._progress is None:
-            raise DataPlaneError("the UCX transport is stopped" if self._stopped else "the UCX transport is not started")
+            raise DataPlaneError(f"the UCX transport is {'stopped' if self._stopped else 'not started'}")
+        if asyncio.get_running_loop() is not self._loop:
+            raise DataPlaneError("the UCX transport was started in another event loop")
         return self._progress
 
     def _peer(self, address: str) -> _Peer:
@@ -399,7 +415,7 @@ class UcxTransport:
 
     def _control(self, op: int, reply_tag: int, nbytes: int, timeout_s: float, payload: bytes) -> bytes:
         me = self._address_bytes
-        timeout_ms = max(0, min(int(timeout_s * 1000), 0xFFFFFFFF))
+        timeout_ms = int(max(0.0, min(timeout_s * 1000, 0xFFFFFFFF)))
         return _CTRL.pack(_MAGIC, _VERSION, op, len(me), len(payload), timeout_ms, reply_tag, nbytes) + me + payload
 
 
@@ -429,16 +445,19 @@ class _Fetch:
     def requests(self) -> list[Any]:
         return [r for r in (self.ctrl_req, self.status_req, self.data_req) if r is not None]
 
+    def _what(self) -> str:
+        return f"{self.tensor_id!r} from {_describe(self.peer.address)}"
+
     def on_ctrl(self, exc: BaseException | None) -> None:
         self.ctrl_req = None
         if exc is not None:
-            self.fail(DataPlaneError(f"sending the request for {self.tensor_id!r} to {_describe(self.peer.address)} failed: {exc}"), broken=True)  # fmt: skip
+            self.fail(DataPlaneError(f"sending the request for {self._what()} failed: {exc}"), broken=True)
         self._settled()
 
     def on_status(self, exc: BaseException | None) -> None:
         self.status_req = None
         if exc is not None:
-            self.fail(DataPlaneError(f"fetch of {self.tensor_id!r} from {_describe(self.peer.address)} failed: {exc}"), broken=True)  # fmt: skip
+            self.fail(DataPlaneError(f"fetch of {self._what()} failed: {exc}"), broken=True)
         else:
             try:
                 code, _, message = _parse_status(self.status)
@@ -454,7 +473,7 @@ class _Fetch:
     def on_data(self, exc: BaseException | None) -> None:
         self.data_req = None
         if exc is not None:
-            self.fail(DataPlaneError(f"fetch of {self.tensor_id!r} from {_describe(self.peer.address)} failed: {exc}"), broken=True)  # fmt: skip
+            self.fail(DataPlaneError(f"fetch of {self._what()} failed: {exc}"), broken=True)
         else:
             self.status_req = self._cancel(self.status_req)  # no status follows a payload
             self._done()
@@ -481,15 +500,15 @@ class _Fetch:
         # A live peer on this host is only slow: keep its endpoint (closing it could wait on
         # the peer forever). Our receives stay posted until it answers or exits (see ``fail``).
         self.fail(
-            DataPlaneError(f"fetch of {self.tensor_id!r} from {_describe(self.peer.address)} timed out after {timeout_s:g} s"),
+            DataPlaneError(f"fetch of {self._what()} timed out after {timeout_s:g} s"),
             broken=not self.peer.local,
         )  # fmt: skip
 
     def fail(self, error: DataPlaneError, broken: bool = False) -> None:
         """Fail the fetch; ``broken``: the endpoint is suspect, drop it.
 
-        Requests still posted are no longer waited for (no more polling for them) but stay
-        watched, with ``out`` kept alive, until UCX is done with them.
+        Requests still posted are no longer polled for, but stay watched, with ``out`` kept
+        alive, until UCX is done with them (their callbacks then only tidy up).
         """
         if not self.future.done():
             self.future.set_exception(error)
@@ -666,7 +685,6 @@ class _Progress:
         # id(request) -> [request, callback, active, object kept alive while UCX may use it]
         self._pending: dict[int, list[Any]] = {}
         self._active = 0
-        self._kept: list[Any] = []
         self._timers: set[asyncio.TimerHandle] = set()
         self._spinner: asyncio.Task[None] | None = None
         self._tick: asyncio.TimerHandle | None = None
@@ -688,13 +706,11 @@ class _Progress:
             self._tick = self._loop.call_later(_SAFETY_TICK_S, self._on_tick)
 
     def demote(self, req: Any) -> None:
-        """Keep watching ``req`` (and its buffer) without its callback, and without polling."""
+        """Keep watching ``req`` (and its buffer), but stop polling the worker for it."""
         entry = self._pending.get(id(req))
-        if entry is not None and entry[0] is req:
-            entry[1] = _log_failure
-            if entry[2]:
-                entry[2] = False
-                self._active -= 1
+        if entry is not None and entry[0] is req and entry[2]:
+            entry[2] = False
+            self._active -= 1
 
     def discard(self, req: Any) -> None:
         """Stop watching ``req`` without a callback; dropping it cancels it in UCX."""
@@ -716,8 +732,9 @@ class _Progress:
         self._timers.add(timer)
 
     def keep(self, obj: Any) -> None:
-        """Hold ``obj`` until the transport stops (an endpoint that could not be closed)."""
-        self._kept.append(obj)
+        """Never drop ``obj``: an endpoint whose close failed (ucxx's destructor would close it
+        synchronously, which can wait on its peer forever)."""
+        _NEVER_DROPPED.append(obj)
 
     def kick(self) -> None:
         """Poll the worker from the next loop iteration on (until idle and lingered)."""
@@ -736,7 +753,6 @@ class _Progress:
             self._loop.remove_reader(self._fd)
         pending, self._pending = self._pending, {}
         self._active = 0
-        self._kept.clear()
         stopped = DataPlaneError("the UCX transport was stopped")
         for _, callback, _, _ in pending.values():
             _call(callback, stopped)

@@ -12,6 +12,9 @@ The first is ``{"address": ...}`` once the transport is started, then one per co
 * ``{"cmd": "fetch", "address": ..., "id": ..., "size": n}``: fetch from another transport and
   answer with the sum of the bytes that arrived
 * ``{"cmd": "stop"}``: stop the transport (twice: it must be idempotent) and exit
+
+With ``--other-host`` the transport claims to run on another machine, so peers reach it the way
+they reach remote ones: over tcp, with UCX error handling, and without watching its pid.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline_runner.data_plane import ucx_transport
 from pipeline_runner.data_plane.ucx_transport import UcxTransport
 
 PREFIX = "@@ "
@@ -39,6 +43,8 @@ def answer(obj: dict[str, Any]) -> None:
 
 
 async def main() -> None:
+    if "--other-host" in sys.argv:
+        ucx_transport._host_identity = lambda: ("another-host", "1")
     tensors: dict[str, Any] = {}
     released: list[str] = []
     transport = UcxTransport(tensors.get, on_release=released.extend)
