@@ -67,13 +67,13 @@ class Request:
         """Seconds until the caller stops waiting."""
         return max(0.0, self.deadline - time.monotonic())
 
-    async def array(self, name: str) -> np.ndarray:
-        """The input ``name`` as an array; a missing input is a BadInputError for the caller."""
+    async def array(self, name: str, memory_type: str = "cpu") -> Any:
+        """The input ``name`` (NumPy, or CuPy for ``'gpu'``); a missing one is a BadInputError."""
         tensor = self.inputs.get(name)
         if tensor is None:
             have = ", ".join(sorted(self.inputs)) or "none"
             raise BadInputError(f"missing input {name!r} (inputs given: {have})")
-        return await tensor.array()
+        return await tensor.array(memory_type)
 
     async def respond(
         self,
@@ -130,13 +130,13 @@ class Response:
         if remote and self._data_plane is not None:
             self._data_plane.release(remote)
 
-    async def array(self, name: str) -> np.ndarray:
-        """The output ``name`` as an array."""
+    async def array(self, name: str, memory_type: str = "cpu") -> Any:
+        """The output ``name`` (NumPy, or CuPy for ``'gpu'``)."""
         tensor = self.outputs.get(name)
         if tensor is None:
             have = ", ".join(sorted(self.outputs)) or "none"
             raise OperatorError("response", "missing_output", f"no output {name!r} (outputs: {have})")
-        return await tensor.array()
+        return await tensor.array(memory_type)
 
 
 class Operator(ABC):

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..config import DataPlaneConfig
 from ..protocol import RemoteTensor, array_from_bytes, tensor_bytes
+from .buffers import BufferPool
 from .errors import DataPlaneError
 from .store import TensorStore
 
@@ -37,6 +38,7 @@ class DataPlane:
     def __init__(self, config: DataPlaneConfig | None = None):
         self.config = config or DataPlaneConfig()
         self.store = TensorStore()
+        self.buffers = BufferPool()
         self.fetched_from: Counter[str] = Counter()
         self._transport: Any = None
         self._start_lock = asyncio.Lock()
@@ -128,7 +130,7 @@ class DataPlane:
 
             out: Any = cupy.empty(desc.nbytes, dtype=cupy.uint8)
         else:
-            out = np.empty(desc.nbytes, dtype=np.uint8)
+            out = self.buffers.take(desc.nbytes)
         await self._transport.fetch(desc.address, desc.tensor_id, out, self.config.fetch_timeout_s)
         self.fetched_from[desc.address] += 1
         return _as_array(desc, out, want_gpu)

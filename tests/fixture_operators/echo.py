@@ -118,3 +118,16 @@ class Holder(Operator):
             await RemoteOperator("producer").infer(request.inputs, parameters=request.parameters)
             await asyncio.sleep(float(request.parameters.get("hold", 60)))
             await request.respond()
+
+
+class GpuCopy(Operator):
+    """Takes every input onto the GPU and answers with device copies (needs CuPy and a GPU)."""
+
+    async def execute(self, requests: list[Request]) -> None:
+        for request in requests:
+            outputs = {}
+            for name, tensor in request.inputs.items():
+                device_array = await tensor.array("gpu")
+                assert hasattr(device_array, "__cuda_array_interface__")
+                outputs[name] = device_array.copy()
+            await request.respond(outputs, parameters={"on_gpu": True})
