@@ -183,7 +183,7 @@ async def main() -> None:
             f"{row['p99_ms']:.3f}",
             f"{ratio:.2f}" if ratio else "",
         )
-    Console().print(table)
+    Console(width=120).print(table)
     if args.json:
         args.json.write_text(json.dumps({"size_bytes": args.size_bytes, "rows": rows}, indent=2) + "\n")
 

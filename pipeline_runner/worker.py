@@ -79,6 +79,8 @@ class Worker:
         self._queue: asyncio.Queue[Msg] = asyncio.Queue()
         self._slots = asyncio.Semaphore(op.max_inflight_requests)
         self._tasks: set[asyncio.Task[None]] = set()
+        # Requests received and not yet finished, wherever they are (queue, dispatcher, batch).
+        self._unfinished = 0
         self._stopping = asyncio.Event()
         self.served = 0
 
@@ -97,10 +99,10 @@ class Worker:
         if on_ready:
             on_ready()
         await self._stopping.wait()
-        log.info("stopping: draining %d queued and %d running batches", self._queue.qsize(), len(self._tasks))
+        log.info("stopping: draining %d unfinished requests", self._unfinished)
         await self.plane.stop_serving(sub)
         deadline = time.monotonic() + self.spec.drain_timeout_s
-        while (self._queue.qsize() or self._tasks) and time.monotonic() < deadline:
+        while self._unfinished and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         dispatcher.cancel()
         await self.plane.stop_serving(stats_sub)
@@ -112,8 +114,7 @@ class Worker:
             "operator": self.spec.operator.name,
             "pid": os.getpid(),
             "served": self.served,
-            "in_flight": len(self._tasks),
-            "queued": self._queue.qsize(),
+            "unfinished": self._unfinished,
             "data_plane": self.data_plane.stats(),
         }
 
@@ -122,6 +123,7 @@ class Worker:
             await self.plane.publish(msg.reply, json.dumps(self.stats()).encode())
 
     async def _on_message(self, msg: Msg) -> None:
+        self._unfinished += 1
         self._queue.put_nowait(msg)
 
     async def _dispatch(self) -> None:
@@ -147,6 +149,7 @@ class Worker:
         finally:
             for _ in messages:
                 self._slots.release()
+            self._unfinished -= len(messages)
 
     async def _decode(self, msg: Msg) -> Request | None:
         try:
