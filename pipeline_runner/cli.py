@@ -249,6 +249,12 @@ async def _client(args: argparse.Namespace) -> int:
         nats_url = nats_url or state.nats_url
         deployment = deployment or state.name
         data_plane = state.data_plane
+        served = sorted({w.operator for w in state.workers})
+        if state.name == deployment and args.operator not in served:
+            raise RunnerError(
+                f"deployment {deployment!r} has no operator {args.operator!r} "
+                f"(its operators: {', '.join(served)}); choose one with --operator"
+            )
     inputs = make_inputs(args.size, args.dtype, count=min(args.requests, 16))
     connection = await Connection.connect(
         nats_url, deployment, default_timeout_s=args.timeout, data_plane=data_plane

@@ -119,6 +119,14 @@ class OperatorConfig(_Model):
     max_inflight_requests: int = Field(
         16, ge=1, le=100_000, description="Requests one worker serves concurrently."
     )
+    max_queued_requests: int = Field(
+        1024,
+        ge=0,
+        description=(
+            "Requests one worker holds waiting beyond max_inflight_requests; more are refused "
+            "at once with an 'overloaded' error, so memory stays bounded."
+        ),
+    )
     max_batch_size: int = Field(
         1, ge=1, le=100_000, description="Most requests handed to one execute() call."
     )

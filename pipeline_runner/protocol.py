@@ -9,7 +9,7 @@ variable-length bytes/strings use a length-prefixed layout.
 from __future__ import annotations
 
 import struct
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -164,6 +164,8 @@ def _variable_length_array(
 
 # --- messages ----------------------------------------------------------------------------
 
+_H = TypeVar("_H", RequestHeader, ResponseHeader)
+
 
 def encode_inline_tensors(
     tensors: dict[str, np.ndarray],
@@ -202,22 +204,22 @@ def _split(payload: bytes) -> tuple[memoryview, memoryview]:
     return view[_PREFIX.size : end], view[end:]
 
 
-def decode_request(payload: bytes) -> tuple[RequestHeader, memoryview]:
-    """Header and tensor section of a request message; raises ProtocolError when malformed."""
+def _decode(payload: bytes, model: type[_H], what: str) -> tuple[_H, memoryview]:
     header_bytes, body = _split(payload)
     try:
-        return RequestHeader.model_validate_json(bytes(header_bytes)), body
+        return model.model_validate_json(bytes(header_bytes)), body
     except ValidationError as exc:
-        raise ProtocolError(f"invalid request header: {_first_error(exc)}") from None
+        raise ProtocolError(f"invalid {what} header: {_first_error(exc)}") from None
+
+
+def decode_request(payload: bytes) -> tuple[RequestHeader, memoryview]:
+    """Header and tensor section of a request message; raises ProtocolError when malformed."""
+    return _decode(payload, RequestHeader, "request")
 
 
 def decode_response(payload: bytes) -> tuple[ResponseHeader, memoryview]:
     """Header and tensor section of a response message; raises ProtocolError when malformed."""
-    header_bytes, body = _split(payload)
-    try:
-        return ResponseHeader.model_validate_json(bytes(header_bytes)), body
-    except ValidationError as exc:
-        raise ProtocolError(f"invalid response header: {_first_error(exc)}") from None
+    return _decode(payload, ResponseHeader, "response")
 
 
 def inline_array(descriptor: InlineTensor, body: memoryview) -> np.ndarray:

@@ -123,8 +123,25 @@ class Worker:
             await self.plane.publish(msg.reply, json.dumps(self.stats()).encode())
 
     async def _on_message(self, msg: Msg) -> None:
+        op = self.spec.operator
+        if self._unfinished >= op.max_inflight_requests + op.max_queued_requests:
+            await self._refuse(msg, f"{self.spec.worker_id} already holds {self._unfinished} requests "
+                               f"(max_inflight_requests={op.max_inflight_requests}, "
+                               f"max_queued_requests={op.max_queued_requests})")
+            return
         self._unfinished += 1
         self._queue.put_nowait(msg)
+
+    async def _refuse(self, msg: Msg, why: str) -> None:
+        """Answer at once with an 'overloaded' error instead of queueing without bound."""
+        try:
+            header, _ = decode_request(msg.data)
+            reply_to, request_id = header.reply_to, header.id
+        except ProtocolError:
+            reply_to, request_id = msg.reply, ""
+        if reply_to:
+            with contextlib.suppress(Exception):
+                await self._send(reply_to, request_id, {}, {}, True, ("overloaded", why), 0.0)
 
     async def _dispatch(self) -> None:
         max_batch = self.spec.operator.max_batch_size

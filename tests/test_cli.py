@@ -108,6 +108,14 @@ def test_client_reports_wrong_answers_and_exits_non_zero(tmp_path: Path) -> None
     assert "output differs from the input" in result.stdout
 
 
+def test_client_names_the_operators_when_asked_for_one_the_deployment_lacks() -> None:
+    with deployed():
+        result = runner("client", "--operator", "encodr", "--requests", "1", timeout=30)
+    assert result.returncode == 1
+    assert "has no operator 'encodr'" in result.stderr
+    assert "decoder, encoder, encoder_decoder" in result.stderr
+
+
 def test_client_without_a_running_deployment_says_how_to_start_one() -> None:
     result = runner("client", "--requests", "1")
     assert result.returncode == 1

@@ -149,3 +149,45 @@ async def test_a_worker_batches_queued_requests_up_to_max_batch_size(nats_url: s
         sizes = [r.parameters["batch"] for r in responses]
         assert max(sizes) > 1
         assert max(sizes) <= 4
+
+
+async def test_a_saturated_worker_refuses_extra_requests_at_once_as_overloaded(nats_url: str) -> None:
+    config = make_config(op("echo", "echo:Echo", max_inflight_requests=1, max_queued_requests=2))
+    async with running(config, nats_url) as deployment, connected(deployment) as conn:
+        echo = conn.operator("echo")
+
+        async def timed() -> tuple[str, float]:
+            started = time.monotonic()
+            try:
+                await echo.infer(parameters={"sleep": 1.0}, timeout_s=10)
+                return "ok", time.monotonic() - started
+            except OperatorError as exc:
+                assert "max_queued_requests=2" in exc.message
+                return exc.code, time.monotonic() - started
+
+        outcomes = await asyncio.gather(*(timed() for _ in range(10)))
+        codes = Counter(code for code, _ in outcomes)
+        assert codes == {"ok": 3, "overloaded": 7}, codes
+        assert all(elapsed < 0.9 for code, elapsed in outcomes if code == "overloaded")
+        # Once the backlog is served, the worker takes requests again.
+        response = await echo.infer({"x": np.array([5])})
+        assert list(await response.array("x")) == [5]
+
+
+async def test_the_deadline_propagates_down_three_hops_and_expires_there(nats_url: str) -> None:
+    config = make_config(
+        op("hop1", "echo:Deadline", parameters={"next": "hop2"}),
+        op("hop2", "echo:Deadline", parameters={"next": "hop3"}),
+        op("hop3", "echo:Deadline"),
+    )
+    async with running(config, nats_url) as deployment, connected(deployment, timeout_s=30) as conn:
+        hop1 = conn.operator("hop1")
+        response = await hop1.infer(timeout_s=3.0)
+        chain = response.parameters["chain"]
+        assert len(chain) == 3
+        assert 2.5 < chain[0] <= 3.0 and chain[0] >= chain[1] >= chain[2] > 2.0, chain
+
+        started = time.monotonic()
+        with pytest.raises(RequestTimeoutError):
+            await hop1.infer(parameters={"sleep": 2.5}, timeout_s=1.0)
+        assert time.monotonic() - started < 1.5  # not the 30 s connection default

@@ -131,3 +131,21 @@ class GpuCopy(Operator):
                 assert hasattr(device_array, "__cuda_array_interface__")
                 outputs[name] = device_array.copy()
             await request.respond(outputs, parameters={"on_gpu": True})
+
+
+class Deadline(Operator):
+    """Reports the time left of each hop down a chain (parameter ``next``); the last one sleeps."""
+
+    async def execute(self, requests: list[Request]) -> None:
+        from pipeline_runner import RemoteOperator
+
+        for request in requests:
+            left = request.time_left()
+            next_name = self.parameters.get("next")
+            if next_name:
+                response = await RemoteOperator(next_name).infer(parameters=request.parameters)
+                chain = [left, *response.parameters["chain"]]
+            else:
+                await asyncio.sleep(float(request.parameters.get("sleep", 0)))
+                chain = [left]
+            await request.respond(parameters={"chain": chain})
