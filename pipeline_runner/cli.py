@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .errors import ConfigError, RunnerError
+from .nats_security import redact_url
 
 EXIT_CONFIG = 2
 console = Console(stderr=True)
@@ -202,7 +203,7 @@ def _print_banner(deployment: Any) -> None:
     embedded = "" if config.request_plane.nats_url or deployment._nats is None else " (embedded)"
     print(
         f"Deployment {config.name!r} is running: {sum(counts.values())} workers ({workers})\n"
-        f"  NATS:  {deployment.nats_url}{embedded}\n"
+        f"  NATS:  {redact_url(deployment.nats_url)}{embedded}\n"
         f"  logs:  {deployment.log_dir}\n"
         f"  try:   runner client --requests 100\n"
         f"Press Ctrl-C to stop.",
@@ -262,7 +263,7 @@ async def _client(args: argparse.Namespace) -> int:
     try:
         operator = connection.operator(args.operator, args.version)
         console.print(
-            f"{args.requests} requests to {deployment}/{args.operator} v{args.version} via {nats_url}, "
+            f"{args.requests} requests to {deployment}/{args.operator} v{args.version} via {redact_url(nats_url)}, "
             f"concurrency {args.concurrency}, input {args.size} × {args.dtype}"
         )
         with Progress(

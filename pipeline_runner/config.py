@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    SecretStr,
     BaseModel,
     ConfigDict,
     Field,
@@ -64,6 +65,36 @@ class EmbeddedNatsConfig(_Model):
     host: str = Field("127.0.0.1", description="Interface to bind; loopback unless told otherwise.")
     port: int = Field(0, ge=0, le=65535, description="TCP port; 0 picks a free one.")
     jetstream: bool = Field(True, description="Enable JetStream on the embedded server.")
+    tls_cert_file: str | None = Field(
+        None, min_length=1, description="Server certificate: the embedded server then requires TLS."
+    )
+    tls_key_file: str | None = Field(None, min_length=1, description="Key of tls_cert_file.")
+
+
+class NatsAuthConfig(_Model):
+    """Credentials for NATS; prefer the PIPELINE_RUNNER_NATS_* environment variables for secrets."""
+
+    token: SecretStr | None = Field(None, description="Token (env PIPELINE_RUNNER_NATS_TOKEN).")
+    user: str | None = Field(None, min_length=1, description="User (env PIPELINE_RUNNER_NATS_USER).")
+    password: SecretStr | None = Field(
+        None, description="Password (env PIPELINE_RUNNER_NATS_PASSWORD)."
+    )
+    credentials_file: str | None = Field(
+        None, min_length=1, description="NATS .creds file: JWT and NKey seed (env PIPELINE_RUNNER_NATS_CREDS)."
+    )
+    nkey_seed_file: str | None = Field(
+        None, min_length=1, description="File holding an NKey seed (env PIPELINE_RUNNER_NATS_NKEY_SEED)."
+    )
+
+
+class NatsTlsConfig(_Model):
+    """TLS towards NATS: the CA to trust and, for mutual TLS, this side's certificate."""
+
+    ca_file: str | None = Field(None, min_length=1, description="CA bundle (env PIPELINE_RUNNER_NATS_TLS_CA).")
+    cert_file: str | None = Field(
+        None, min_length=1, description="Client certificate (env PIPELINE_RUNNER_NATS_TLS_CERT)."
+    )
+    key_file: str | None = Field(None, min_length=1, description="Client key (env PIPELINE_RUNNER_NATS_TLS_KEY).")
 
 
 class RequestPlaneConfig(_Model):
@@ -75,6 +106,11 @@ class RequestPlaneConfig(_Model):
         description="URL of an existing NATS server or cluster; absent starts an embedded server.",
     )
     embedded: EmbeddedNatsConfig = Field(default_factory=EmbeddedNatsConfig)
+    auth: NatsAuthConfig = Field(
+        default_factory=NatsAuthConfig,
+        description="Credentials workers and clients present; an embedded server requires them.",
+    )
+    tls: NatsTlsConfig = Field(default_factory=NatsTlsConfig)
     request_timeout_s: float = Field(
         30.0, gt=0, description="Default deadline of a request, in seconds, when the caller sets none."
     )

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .config import DeploymentConfig, OperatorConfig
 from .errors import RunnerError, WorkerStartError
+from .nats_security import NatsClientOptions, embedded_server_config
 from .nats_server import NatsServer
 from .state import DeploymentState, WorkerState, state_dir
 from .worker import STATUS_FD_ENV, WorkerSpec
@@ -157,6 +158,7 @@ class Deployment:
     ):
         self.config = config
         self.nats_url = nats_url or config.request_plane.nats_url
+        self.nats_options = NatsClientOptions.resolve(config.request_plane, config.root)
         self.run_dir = state_dir() / config.name
         if log_dir is None:
             log_dir = config.root / config.log_dir if config.log_dir else self.run_dir / "logs"
@@ -179,8 +181,16 @@ class Deployment:
         try:
             if self.nats_url is None:
                 embedded = self.config.request_plane.embedded
+                cert, key = (
+                    str(self.config.root / f) if f else None
+                    for f in (embedded.tls_cert_file, embedded.tls_key_file)
+                )
                 self._nats = NatsServer(
-                    self.run_dir / "nats", embedded.host, embedded.port, embedded.jetstream
+                    self.run_dir / "nats",
+                    embedded.host,
+                    embedded.port,
+                    embedded.jetstream,
+                    config_text=embedded_server_config(self.nats_options, cert, key),
                 )
                 self.nats_url = await self._nats.start()
                 log.info("embedded nats-server listening on %s", self.nats_url)
@@ -211,6 +221,7 @@ class Deployment:
             data_plane=self.config.data_plane,
             index=index,
             nats_url=self.nats_url,
+            nats=self.nats_options,
             root=str(self.config.root),
             log_level=self.config.log_level,
             request_timeout_s=self.config.request_plane.request_timeout_s,

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ctypes
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -40,11 +41,19 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 class NatsServer:
     """A nats-server child process on a chosen or free port, stopped with :meth:`stop`."""
 
-    def __init__(self, workdir: Path, host: str = "127.0.0.1", port: int = 0, jetstream: bool = True):
+    def __init__(
+        self,
+        workdir: Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        jetstream: bool = True,
+        config_text: str = "",
+    ):
         self.workdir = workdir
         self.host = host
         self.port = port
         self.jetstream = jetstream
+        self.config_text = config_text  # authorization / tls blocks; may hold secrets
         self.url: str | None = None
         self.log_file = workdir / "nats-server.log"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -67,6 +76,14 @@ class NatsServer:
         ]  # fmt: skip
         if self.jetstream:
             args += ["-js", "-sd", str(self.workdir / "jetstream")]
+        if self.config_text.strip():
+            # A file readable by us alone: secrets on a command line would show in `ps`.
+            conf = self.workdir / "nats-server.conf"
+            conf.unlink(missing_ok=True)
+            fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(self.config_text)
+            args += ["-c", str(conf)]
         self._proc = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,

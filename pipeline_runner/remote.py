@@ -10,6 +10,7 @@ from typing import Any
 from .config import DataPlaneConfig
 from .data_plane.plane import DataPlane
 from .errors import OperatorError, RequestTimeoutError, RunnerError
+from .nats_security import NatsClientOptions
 from .operator import Response
 from .protocol import RequestHeader, encode_message
 from .request_plane import RequestPlane, operator_subject, stats_subject
@@ -47,10 +48,15 @@ class Connection:
         *,
         default_timeout_s: float = DEFAULT_TIMEOUT_S,
         data_plane: DataPlaneConfig | None = None,
+        nats: NatsClientOptions | None = None,
         client_name: str = "pipeline_runner-client",
     ) -> Connection:
-        """Connect to the NATS server of ``deployment``; the data plane starts on first use."""
-        plane = await RequestPlane.connect(nats_url, name=client_name)
+        """Connect to the NATS server of ``deployment``; the data plane starts on first use.
+
+        Credentials and TLS default to the ``PIPELINE_RUNNER_NATS_*`` environment variables.
+        """
+        options = nats if nats is not None else NatsClientOptions.resolve()
+        plane = await RequestPlane.connect(nats_url, name=client_name, options=options)
         return cls(plane, deployment, default_timeout_s, DataPlane(data_plane))
 
     def operator(self, name: str, version: int = 1) -> RemoteOperator:

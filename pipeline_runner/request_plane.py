@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from .errors import PayloadTooLargeError, ProtocolError, RequestTimeoutError, RunnerError
+from .nats_security import NatsClientOptions, redact_url
 from .protocol import ResponseHeader, decode_response
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ _NO_RESPONDERS = "503"
 # Backoff while nobody serves a subject (workers starting or restarting): short first, then capped.
 _RETRY_FIRST_S = 0.02
 _RETRY_MAX_S = 0.5
+_FIRST_CONNECT_ATTEMPTS = 3
 
 
 def operator_subject(deployment: str, operator: str, version: int) -> str:
@@ -59,11 +61,17 @@ class RequestPlane:
 
     @classmethod
     async def connect(
-        cls, url: str, *, name: str, connect_timeout_s: float = 5.0
+        cls,
+        url: str,
+        *,
+        name: str,
+        options: NatsClientOptions | None = None,
+        connect_timeout_s: float = 5.0,
     ) -> RequestPlane:
-        """Connect to NATS at ``url``; reconnects forever after the first success."""
+        """Connect to NATS at ``url`` with ``options``' credentials; reconnects forever after."""
 
         last_error = ""
+        first_connect_errors: list[str] = []
 
         async def on_error(exc: Exception) -> None:
             # While the server is away every reconnect attempt fails the same way: say it once.
@@ -71,6 +79,8 @@ class RequestPlane:
             text = str(exc) or type(exc).__name__
             log.log(logging.DEBUG if text == last_error else logging.WARNING, "NATS error: %s", text)
             last_error = text
+            if not connected:
+                first_connect_errors.append(text)
 
         connected: list[NATS] = []
 
@@ -84,19 +94,31 @@ class RequestPlane:
             log.info("reconnected to NATS")
 
         try:
-            nc = await nats.connect(
+            # nats-py can hang after a failed TLS handshake: bound the whole first connect.
+            nc = await asyncio.wait_for(nats.connect(
                 servers=[url],
                 name=name,
                 connect_timeout=connect_timeout_s,
                 allow_reconnect=True,
-                max_reconnect_attempts=-1,
+                # nats-py retries a first connection forever when this is -1 (even on an
+                # authorization error): try a few times, then lift the limit once connected.
+                max_reconnect_attempts=_FIRST_CONNECT_ATTEMPTS,
                 reconnect_time_wait=0.5,
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
-            )
+                **(options or NatsClientOptions()).connect_kwargs(),
+            ), timeout=connect_timeout_s + _FIRST_CONNECT_ATTEMPTS * 0.5)
         except Exception as exc:  # nats-py raises several unrelated types here
-            raise RunnerError(f"cannot connect to NATS at {url}: {exc or type(exc).__name__}") from None
+            # After retries nats-py raises "no servers available"; the causes went to on_error,
+            # and an authorization error is the one worth reporting.
+            seen = first_connect_errors or [str(exc) or type(exc).__name__]
+            cause = next((e for e in seen if "authorization" in e.lower()), seen[-1])
+            hint = ""
+            if "authorization" in cause.lower():
+                hint = " (set PIPELINE_RUNNER_NATS_TOKEN, or _USER and _PASSWORD, to the deployment's credentials)"
+            raise RunnerError(f"cannot connect to NATS at {redact_url(url)}: {cause}{hint}") from None
+        nc.options["max_reconnect_attempts"] = -1  # reconnect forever from now on
         connected.append(nc)
         plane = cls(nc)
         plane._inbox_sub = await nc.subscribe(f"{plane._inbox_prefix}.*", cb=plane._on_response)

@@ -59,7 +59,10 @@ def write_state(state: DeploymentState) -> None:
     path = state_file(state.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(state.model_dump_json(indent=2))
+    # Only this user may read it: a NATS URL can carry credentials.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(state.model_dump_json(indent=2))
     tmp.replace(path)
 
 

@@ -28,6 +28,7 @@ from .config import DataPlaneConfig, OperatorConfig
 from .data_plane.plane import DataPlane
 from .errors import BadInputError, OperatorError, ProtocolError, RunnerError
 from .loader import load_operator_class
+from .nats_security import NatsClientOptions
 from .operator import Operator, OperatorContext, Request
 from .protocol import ErrorInfo, ResponseHeader, decode_request, encode_message
 from .remote import Connection, current_deadline, set_default_connection
@@ -55,6 +56,7 @@ class WorkerSpec(BaseModel):
     data_plane: DataPlaneConfig = DataPlaneConfig()
     index: int
     nats_url: str
+    nats: NatsClientOptions = NatsClientOptions()
     root: str
     log_level: str = "INFO"
     request_timeout_s: float = 30.0
@@ -271,7 +273,9 @@ async def run_worker(spec: WorkerSpec) -> None:
     """Load the operator, connect, serve until told to stop."""
     op = spec.operator
     operator_cls = load_operator_class(op.implementation, Path(spec.root))
-    plane = await RequestPlane.connect(spec.nats_url, name=f"{spec.deployment}.{spec.worker_id}")
+    plane = await RequestPlane.connect(
+        spec.nats_url, name=f"{spec.deployment}.{spec.worker_id}", options=spec.nats
+    )
     data_plane = DataPlane(spec.data_plane)
     await data_plane.start()
     set_default_connection(Connection(plane, spec.deployment, spec.request_timeout_s, data_plane))
