@@ -57,6 +57,16 @@ class Request:
         self.deadline = deadline  # time.monotonic() value
         self._responder = responder
         self._final_sent = False
+        self._cancelled = False
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the caller gave up on this request (cancelled it, or its deadline passed).
+
+        A worker serving one request at a time also cancels the task running ``execute``, so
+        awaiting operators stop at their next ``await``; batch operators can check this flag.
+        """
+        return self._cancelled
 
     @property
     def answered(self) -> bool:

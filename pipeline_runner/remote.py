@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -13,7 +14,7 @@ from .errors import OperatorError, RequestTimeoutError, RunnerError
 from .nats_security import NatsClientOptions
 from .operator import Response
 from .protocol import RequestHeader, encode_message
-from .request_plane import RequestPlane, operator_subject, stats_subject
+from .request_plane import RequestPlane, cancel_subject, operator_subject, stats_subject
 from .tensor import TensorLike, check_payload, current_scope, decode_tensors, encode_tensors
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -133,6 +134,8 @@ class RemoteOperator:
         encoded = await encode_tensors(inputs or {}, data_plane, lease_s=timeout)
         scope = current_scope.get()
         came_back: set[tuple[str, str]] = set()
+        sent_id: str | None = None
+        final_seen = False
         try:
             async with plane.open_stream(timeout) as stream:
                 header = RequestHeader(
@@ -145,6 +148,7 @@ class RemoteOperator:
                 payload = encode_message(header, encoded.buffers)
                 check_payload(len(payload), plane.max_payload, encoded.descriptors, f"request to {self.name!r}")
                 await stream.send(subject, payload)
+                sent_id = stream.request_id
                 try:
                     async for response, body in stream:
                         if response.error is not None:
@@ -154,12 +158,19 @@ class RemoteOperator:
                         came_back.update((d.address, d.tensor_id) for d in remote)
                         if scope is not None:
                             scope.adopt(remote)
+                        final_seen = response.final
                         yield Response(
                             response.id, outputs, response.parameters, response.final, response.worker, data_plane
                         )
                 except RequestTimeoutError as exc:
                     raise RequestTimeoutError(f"operator {self.name!r} (v{self.version}): {exc}") from None
         finally:
+            if sent_id is not None and not final_seen:
+                # Cancelled, abandoned or timed out: let the operator stop working on it.
+                with contextlib.suppress(Exception):
+                    await plane.publish(
+                        cancel_subject(connection.deployment, self.name, self.version), sent_id.encode()
+                    )
             # Our inputs are done with once the call ends, unless a response handed them back.
             done = [d for d in encoded.published if (d.address, d.tensor_id) not in came_back]
             if done:

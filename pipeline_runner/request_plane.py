@@ -40,6 +40,11 @@ def operator_subject(deployment: str, operator: str, version: int) -> str:
     return f"{SUBJECT_PREFIX}.{deployment}.{operator}.v{version}"
 
 
+def cancel_subject(deployment: str, operator: str, version: int) -> str:
+    """Where callers announce that they gave up on a request (every worker of the operator hears it)."""
+    return f"{operator_subject(deployment, operator, version)}._cancel"
+
+
 def stats_subject(deployment: str) -> str:
     """The subject every worker of ``deployment`` answers with its counters."""
     return f"{SUBJECT_PREFIX}.{deployment}._stats"

@@ -32,7 +32,13 @@ from .nats_security import NatsClientOptions
 from .operator import Operator, OperatorContext, Request
 from .protocol import ErrorInfo, ResponseHeader, decode_request, encode_message
 from .remote import Connection, current_deadline, set_default_connection
-from .request_plane import RequestPlane, operator_subject, queue_group, stats_subject
+from .request_plane import (
+    RequestPlane,
+    cancel_subject,
+    operator_subject,
+    queue_group,
+    stats_subject,
+)
 from .tensor import (
     TensorLike,
     TensorScope,
@@ -83,6 +89,10 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         # Requests received and not yet finished, wherever they are (queue, dispatcher, batch).
         self._unfinished = 0
+        # Requests being executed: id -> (request, the task running its batch).
+        self._running: dict[str, tuple[Request, asyncio.Task[Any]]] = {}
+        self._cancelled_early: dict[str, None] = {}  # cancelled before they started (bounded)
+        self.cancelled = 0
         self._stopping = asyncio.Event()
         self.served = 0
 
@@ -96,6 +106,9 @@ class Worker:
             self._subject, queue_group(self.spec.deployment, op.name, op.version), self._on_message
         )
         stats_sub = await self.plane.nats.subscribe(stats_subject(self.spec.deployment), cb=self._on_stats)
+        cancel_sub = await self.plane.nats.subscribe(
+            cancel_subject(self.spec.deployment, op.name, op.version), cb=self._on_cancel
+        )
         dispatcher = asyncio.create_task(self._dispatch())
         log.info("serving %s as %s", self._subject, self.spec.worker_id)
         if on_ready:
@@ -108,6 +121,7 @@ class Worker:
             await asyncio.sleep(0.01)
         dispatcher.cancel()
         await self.plane.stop_serving(stats_sub)
+        await self.plane.stop_serving(cancel_sub)
         log.info("stopped after serving %d requests", self.served)
 
     def stats(self) -> dict[str, Any]:
@@ -116,6 +130,7 @@ class Worker:
             "operator": self.spec.operator.name,
             "pid": os.getpid(),
             "served": self.served,
+            "cancelled": self.cancelled,
             "unfinished": self._unfinished,
             "data_plane": self.data_plane.stats(),
         }
@@ -123,6 +138,22 @@ class Worker:
     async def _on_stats(self, msg: Msg) -> None:
         if msg.reply:
             await self.plane.publish(msg.reply, json.dumps(self.stats()).encode())
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        request_id = msg.data.decode(errors="replace")
+        entry = self._running.get(request_id)
+        if entry is None:
+            self._cancelled_early[request_id] = None
+            while len(self._cancelled_early) > 10_000:
+                self._cancelled_early.pop(next(iter(self._cancelled_early)))
+            return
+        request, task = entry
+        request._cancelled = True
+        self.cancelled += 1
+        log.info("request %s cancelled by its caller", request_id)
+        batch = [r for r, t in self._running.values() if t is task]
+        if all(r.cancelled for r in batch):
+            task.cancel()
 
     async def _on_message(self, msg: Msg) -> None:
         op = self.spec.operator
@@ -179,6 +210,8 @@ class Worker:
             if msg.reply:
                 await self._send(msg.reply, "", {}, {}, True, ("bad_request", str(exc)), 0.0)
             return None
+        if self._cancelled_early.pop(header.id, "kept") is None:
+            return None  # the caller gave up before we started
         deadline = time.monotonic() + header.timeout_s
 
         async def responder(
@@ -196,6 +229,10 @@ class Worker:
         token = current_deadline.set(max(r.deadline for r in requests))
         scope = TensorScope()
         scope_token = current_scope.set(scope)
+        task = asyncio.current_task()
+        assert task is not None
+        for request in requests:
+            self._running[request.id] = (request, task)
         try:
             await self.operator.execute(requests)
         except BadInputError as exc:
@@ -210,6 +247,8 @@ class Worker:
                 requests, "no_response", "the operator returned without a final response"
             )
         finally:
+            for request in requests:
+                self._running.pop(request.id, None)
             current_deadline.reset(token)
             current_scope.reset(scope_token)
             self.data_plane.release(scope.to_release())

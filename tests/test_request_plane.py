@@ -191,3 +191,40 @@ async def test_the_deadline_propagates_down_three_hops_and_expires_there(nats_ur
         with pytest.raises(RequestTimeoutError):
             await hop1.infer(parameters={"sleep": 2.5}, timeout_s=1.0)
         assert time.monotonic() - started < 1.5  # not the 30 s connection default
+
+
+async def _cancelled_counts(conn, expected: int) -> dict[str, int]:
+    return {s["worker"]: s["cancelled"] for s in await conn.worker_stats(expected=expected, timeout_s=2)}
+
+
+async def test_cancelling_a_call_stops_the_slow_operator_working_on_it(nats_url: str) -> None:
+    config = make_config(op("echo", "echo:Echo", max_inflight_requests=1, max_queued_requests=0))
+    async with running(config, nats_url) as deployment, connected(deployment) as conn:
+        echo = conn.operator("echo")
+        call = asyncio.create_task(echo.infer(parameters={"sleep": 30}, timeout_s=60))
+        await asyncio.sleep(0.5)  # the operator is now sleeping on it
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        deadline = time.monotonic() + 5
+        while (await _cancelled_counts(conn, 1)).get("echo.0") != 1:
+            assert time.monotonic() < deadline, "the cancellation never reached the operator"
+        # Its only slot is free again at once: no 'overloaded', no 30 s wait.
+        started = time.monotonic()
+        response = await echo.infer({"x": np.array([1])}, timeout_s=5)
+        assert list(await response.array("x")) == [1]
+        assert time.monotonic() - started < 1.0
+
+
+async def test_cancellation_travels_down_the_pipeline(nats_url: str) -> None:
+    config = make_config(
+        op("hop1", "echo:Deadline", parameters={"next": "hop2"}),
+        op("hop2", "echo:Deadline"),
+    )
+    async with running(config, nats_url) as deployment, connected(deployment) as conn:
+        call = asyncio.create_task(conn.operator("hop1").infer(parameters={"sleep": 30}, timeout_s=60))
+        await asyncio.sleep(0.5)
+        call.cancel()
+        deadline = time.monotonic() + 5
+        while await _cancelled_counts(conn, 2) != {"hop1.0": 1, "hop2.0": 1}:
+            assert time.monotonic() < deadline, "hop2 kept working on a request nobody waits for"
