@@ -118,6 +118,12 @@ class NatsServer:
             proc.kill()
             proc.wait()
 
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash would (for fault tests)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
     def _log_tail(self, lines: int = 5) -> str:
         with contextlib.suppress(OSError):
             return " | ".join(self.log_file.read_text().strip().splitlines()[-lines:])

@@ -1,0 +1,67 @@
+"""NATS going away and coming back: nothing hangs, workers and clients reconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from pipeline_runner import RunnerError
+from pipeline_runner.nats_server import NatsServer
+
+from .conftest import connected, make_config, op, running
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_nats_restart_mid_run_ends_every_request_and_serving_resumes(tmp_path: Path) -> None:
+    port = _free_port()
+    server = NatsServer(tmp_path / "nats", port=port)
+    url = await server.start()
+    config = make_config(op("echo", "echo:Echo", workers=2))
+    try:
+        async with running(config, url) as deployment, connected(deployment) as conn:
+            echo = conn.operator("echo")
+            outcomes: Counter[str] = Counter()
+            stop = asyncio.Event()
+
+            async def load() -> None:
+                i = 0
+                while not stop.is_set():
+                    i += 1
+                    started = time.monotonic()
+                    try:
+                        response = await echo.infer({"x": np.array([i])}, parameters={"sleep": 0.01}, timeout_s=3)
+                        assert list(await response.array("x")) == [i]
+                        outcomes["ok"] += 1
+                    except RunnerError as exc:
+                        outcomes[type(exc).__name__] += 1
+                    assert time.monotonic() - started < 4, "a request outlived its deadline"
+
+            lanes = [asyncio.create_task(load()) for _ in range(4)]
+            await asyncio.sleep(1.0)
+            before = outcomes["ok"]
+            server.kill()  # SIGKILL mid-run
+            await asyncio.sleep(1.0)
+            server = NatsServer(tmp_path / "nats", port=port)
+            await server.start()
+            # Clients and workers reconnect on their own; requests succeed again.
+            deadline = time.monotonic() + 20
+            while outcomes["ok"] < before + 50:
+                assert time.monotonic() < deadline, f"serving did not resume: {outcomes}"
+                await asyncio.sleep(0.1)
+            stop.set()
+            await asyncio.gather(*lanes)
+            assert all(w.restarts == 0 for w in deployment.workers)
+    finally:
+        await server.stop()
+    assert outcomes["ok"] > before + 50
+    assert set(outcomes) <= {"ok", "RequestTimeoutError"}, outcomes
