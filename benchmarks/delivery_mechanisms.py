@@ -21,14 +21,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import nats
-import numpy as np
 from rich.console import Console
 from rich.table import Table
+from timing import timed
 
 from pipeline_runner.nats_server import NatsServer
 
@@ -60,27 +59,6 @@ async def main():
     await asyncio.Event().wait()
 asyncio.run(main())
 """
-
-
-async def _timed(call, requests: int, concurrency: int) -> dict[str, float]:
-    latencies: list[float] = []
-    remaining = iter(range(requests))
-
-    async def lane() -> None:
-        for _ in remaining:
-            started = time.perf_counter()
-            await call()
-            latencies.append(time.perf_counter() - started)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(lane() for _ in range(concurrency)))
-    wall = time.perf_counter() - started
-    ms = np.array(latencies) * 1000
-    return {
-        "req_per_s": len(latencies) / wall,
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p99_ms": float(np.percentile(ms, 99)),
-    }
 
 
 async def main() -> None:
@@ -144,7 +122,7 @@ async def main() -> None:
                 ("JetStream work queue, core publish", js_core_publish),
                 ("JetStream work queue, js.publish + PubAck", js_with_puback),
             ):
-                rows.append({"mechanism": name, "concurrency": concurrency, **await _timed(call, args.requests, concurrency)})
+                rows.append({"mechanism": name, "concurrency": concurrency, **await timed(call, args.requests, concurrency)})
     finally:
         for proc in responders:
             proc.kill()

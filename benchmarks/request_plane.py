@@ -17,13 +17,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+from timing import timed
 
 from pipeline_runner import Connection, DeploymentConfig
 from pipeline_runner.client import make_inputs, run_load_test
@@ -45,32 +45,6 @@ async def main():
     await asyncio.Event().wait()
 asyncio.run(main())
 """
-
-
-def _stats(latencies: list[float], wall_s: float) -> dict[str, float]:
-    ms = np.array(latencies) * 1000
-    return {
-        "requests": len(latencies),
-        "req_per_s": len(latencies) / wall_s,
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p90_ms": float(np.percentile(ms, 90)),
-        "p99_ms": float(np.percentile(ms, 99)),
-    }
-
-
-async def _timed(call, requests: int, concurrency: int) -> dict[str, float]:
-    latencies: list[float] = []
-    remaining = iter(range(requests))
-
-    async def lane() -> None:
-        for _ in remaining:
-            started = time.perf_counter()
-            await call()
-            latencies.append(time.perf_counter() - started)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(lane() for _ in range(concurrency)))
-    return _stats(latencies, time.perf_counter() - started)
 
 
 async def bench_round_trip(nats_url: str, requests: int, size_bytes: int) -> list[dict[str, Any]]:
@@ -105,8 +79,8 @@ async def bench_round_trip(nats_url: str, requests: int, size_bytes: int) -> lis
                 await raw()
                 await runner()
             for concurrency in (1, 64):
-                raw_stats = await _timed(raw, requests, concurrency)
-                runner_stats = await _timed(runner, requests, concurrency)
+                raw_stats = await timed(raw, requests, concurrency)
+                runner_stats = await timed(runner, requests, concurrency)
                 rows.append({"path": "raw nats-py request/reply", "concurrency": concurrency, **raw_stats})
                 rows.append(
                     {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
-import pytest
 
 from pipeline_runner.schema import SCHEMA_PATH
 from pipeline_runner.state import DeploymentState, is_running, state_file

@@ -8,7 +8,6 @@ page on first touch (about 30 ms for 256 MiB here, as long as the copy). Arrays 
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 import numpy as np
 
