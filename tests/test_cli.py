@@ -187,6 +187,6 @@ def test_the_console_script_is_installed() -> None:
 def test_client_with_tensors_above_the_inline_threshold_gets_every_response_right() -> None:
     with deployed():
         # 200 000 int32 = 800 KB per input, 2.4 MB after the encoder: all over the data plane.
-        result = runner("client", "--requests", "50", "--size", "200000", "--concurrency", "4")
+        result = runner("client", "--requests", "100", "--size", "200000", "--concurrency", "4")
         assert result.returncode == 0, result.stderr + result.stdout
-        assert "50/50" in result.stdout
+        assert "100/100" in result.stdout
