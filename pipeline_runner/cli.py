@@ -124,8 +124,31 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 0
     for state in running:
         alive = sum(1 for w in state.workers if w.pid)
-        print(f"{state.name}: pid {state.pid}, NATS {state.nats_url}, {alive}/{len(state.workers)} workers, logs {state.log_dir}")
+        print(
+            f"{state.name}: pid {state.pid}, NATS {redact_url(state.nats_url)}, "
+            f"{alive}/{len(state.workers)} workers, logs {state.log_dir}"
+        )
+        stats = asyncio.run(_worker_stats(state, len(state.workers)))
+        table = Table(show_header=True)
+        for column in ("worker", "pid", "restarts", "served", "unfinished", "cancelled", "tensors held"):
+            table.add_column(column, justify="left" if column == "worker" else "right", no_wrap=True)
+        restarts = {f"{w.operator}.{w.index}": w.restarts for w in state.workers}
+        for s in sorted(stats, key=lambda s: s["worker"]):
+            table.add_row(
+                s["worker"], str(s["pid"]), str(restarts.get(s["worker"], "?")), str(s["served"]),
+                str(s["unfinished"]), str(s["cancelled"]), str(s["data_plane"]["stored_tensors"]),
+            )  # fmt: skip
+        Console(width=max(Console().width, 100)).print(table)
+        if len(stats) < alive:
+            print(f"({alive - len(stats)} workers did not answer within 2 s)")
     return 0
+
+
+async def _worker_stats(state: Any, expected: int) -> list[dict[str, Any]]:
+    from .remote import Connection
+
+    async with await Connection.connect(state.nats_url, state.name) as connection:
+        return await connection.worker_stats(expected=expected, timeout_s=2.0)
 
 
 # --- deploy ------------------------------------------------------------------------------

@@ -190,3 +190,13 @@ def test_client_with_tensors_above_the_inline_threshold_gets_every_response_righ
         result = runner("client", "--requests", "100", "--size", "200000", "--concurrency", "4")
         assert result.returncode == 0, result.stderr + result.stdout
         assert "100/100" in result.stdout
+
+
+def test_status_lists_the_running_deployment_and_its_workers_counters() -> None:
+    with deployed():
+        assert runner("client", "--requests", "20").returncode == 0
+        result = runner("status", timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "hello_world: pid" in result.stdout and "6/6 workers" in result.stdout
+    for worker in ("encoder.0", "encoder.1", "decoder.0", "decoder.1", "encoder_decoder.0", "encoder_decoder.1"):
+        assert worker in result.stdout
