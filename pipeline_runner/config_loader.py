@@ -24,6 +24,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .config import DeploymentConfig
 from .errors import ConfigError
+from .loader import is_file_implementation, split_implementation
 from .schema import deployment_json_schema
 
 Loc = tuple[str | int, ...]
@@ -329,12 +330,10 @@ def _implementation_problems(config: DeploymentConfig, doc: _YamlDocument) -> li
     forms = str(described.get("description", "'package.module:Class' or 'path/to/file.py'")).rstrip(".")
     for index, op in enumerate(config.operators):
         loc = ("operators", index, "implementation")
-        target, colon, class_name = op.implementation.rpartition(":")
-        if not colon:
-            target = class_name
-        if colon and not class_name.isidentifier():
+        target, class_name = split_implementation(op.implementation)
+        if ":" in op.implementation and not class_name.isidentifier():
             problems.append(_value_problem(doc, loc, f"must be {forms}"))
-        elif "/" in target or target.endswith(".py"):
+        elif is_file_implementation(op.implementation):
             if not (root / target).is_file():
                 message = f"cannot find file '{target}' under {root}"
                 problems.append(_Problem(doc.line(loc), loc, message))

@@ -12,15 +12,21 @@ from .errors import WorkerStartError
 from .operator import Operator
 
 
+def split_implementation(implementation: str) -> tuple[str, str]:
+    """``'pkg.mod:Class'`` -> ``('pkg.mod', 'Class')``; a bare file path has no class name."""
+    target, colon, class_name = implementation.rpartition(":")
+    return (target, class_name) if colon else (class_name, "")
+
+
 def is_file_implementation(implementation: str) -> bool:
     """True for ``path/to/file.py[:Class]``, False for ``package.module:Class``."""
-    target = implementation.split(":", 1)[0]
+    target, _ = split_implementation(implementation)
     return "/" in target or target.endswith(".py")
 
 
 def load_operator_class(implementation: str, root: Path) -> type[Operator]:
     """The Operator subclass ``implementation`` names, imported with ``root`` on sys.path."""
-    target, _, class_name = implementation.partition(":")
+    target, class_name = split_implementation(implementation)
     root_str = str(root)
     if root_str not in sys.path:
         sys.path.insert(0, root_str)
