@@ -105,11 +105,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
-    from .schema import SCHEMA_PATH, schema_text
+    from .schema import schema_text, write_schema
 
     if args.write:
-        SCHEMA_PATH.write_text(schema_text())
-        print(f"wrote {SCHEMA_PATH}")
+        print(f"wrote {write_schema()}")
     else:
         sys.stdout.write(schema_text())
     return 0

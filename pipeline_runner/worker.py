@@ -210,7 +210,8 @@ class Worker:
             if msg.reply:
                 await self._send(msg.reply, "", {}, {}, True, ("bad_request", str(exc)), 0.0)
             return None
-        if self._cancelled_early.pop(header.id, "kept") is None:
+        if header.id in self._cancelled_early:
+            del self._cancelled_early[header.id]
             return None  # the caller gave up before we started
         deadline = time.monotonic() + header.timeout_s
 

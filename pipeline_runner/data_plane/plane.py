@@ -50,10 +50,6 @@ class DataPlane:
         return self.config.inline_threshold_bytes
 
     @property
-    def started(self) -> bool:
-        return self._transport is not None
-
-    @property
     def address(self) -> str:
         if self._transport is None:
             raise DataPlaneError("the data plane is not started")
