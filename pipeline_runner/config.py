@@ -137,6 +137,49 @@ class DataPlaneConfig(_Model):
     )
 
 
+class DeliveryConfig(_Model):
+    """What happens to a request when the worker holding it dies."""
+
+    mode: Literal["at_least_once", "at_most_once"] = Field(
+        "at_least_once",
+        description=(
+            "'at_least_once': requests wait in a JetStream work queue until a worker has sent "
+            "their final response, and go to another worker when one dies (needs JetStream). "
+            "'at_most_once': plain NATS request/reply; a request held by a worker that dies ends "
+            "in a timeout error."
+        ),
+    )
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description=(
+            "Workers a request may be handed to in all; when that many died holding it, the "
+            "caller gets a 'worker_lost' error."
+        ),
+    )
+    idempotent: bool = Field(
+        True,
+        description=(
+            "false: never run a request twice; when its worker dies the caller gets a "
+            "'worker_lost' error instead of a second attempt."
+        ),
+    )
+    redeliver_after_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description=(
+            "A worker not heard from for this long is taken for dead and its requests go to "
+            "another (JetStream ack_wait); live workers send progress every third of it."
+        ),
+    )
+    storage: Literal["memory", "file"] = Field(
+        "memory",
+        description="Where the work queue keeps waiting requests; 'file' survives a nats-server restart.",
+    )
+
+
 class OperatorConfig(_Model):
     """One pipeline stage and how many worker processes serve it."""
 
@@ -168,6 +211,10 @@ class OperatorConfig(_Model):
     )
     parameters: dict[str, Any] = Field(
         default_factory=dict, description="Free-form settings passed to the operator."
+    )
+    delivery: DeliveryConfig = Field(
+        default_factory=DeliveryConfig,
+        description="Delivery guarantee: redelivery when a worker dies (default) or at most once.",
     )
     log_level: LogLevel | None = Field(None, description="Overrides the deployment's log_level.")
 

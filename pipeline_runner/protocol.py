@@ -8,6 +8,7 @@ variable-length bytes/strings use a length-prefixed layout.
 
 from __future__ import annotations
 
+import json
 import struct
 from typing import Annotated, Any, Literal, TypeVar, Union
 
@@ -83,6 +84,7 @@ class ResponseHeader(_Wire):
     parameters: dict[str, JSONValue] = Field(default_factory=dict)
     tensors: list[TensorDescriptor] = Field(default_factory=list)
     worker: str | None = Field(None, description="Which worker answered (for tracing).")
+    attempt: int = Field(1, ge=1, description="Delivery attempt that produced it (>1 after a worker died).")
 
 
 # --- tensors -----------------------------------------------------------------------------
@@ -215,6 +217,16 @@ def _decode(payload: bytes, model: type[_H], what: str) -> tuple[_H, memoryview]
 def decode_request(payload: bytes) -> tuple[RequestHeader, memoryview]:
     """Header and tensor section of a request message; raises ProtocolError when malformed."""
     return _decode(payload, RequestHeader, "request")
+
+
+def salvage_reply_to(payload: bytes) -> str | None:
+    """The ``reply_to`` of a request too malformed to decode, when its header still names one."""
+    try:
+        header_bytes, _ = _split(payload)
+        reply_to = json.loads(bytes(header_bytes)).get("reply_to")
+    except (ProtocolError, ValueError, AttributeError):
+        return None
+    return reply_to if isinstance(reply_to, str) and reply_to else None
 
 
 def decode_response(payload: bytes) -> tuple[ResponseHeader, memoryview]:

@@ -23,7 +23,7 @@ from nats.aio.subscription import Subscription
 
 from .errors import PayloadTooLargeError, ProtocolError, RequestTimeoutError, RunnerError
 from .nats_security import NatsClientOptions, redact_url
-from .protocol import ResponseHeader, decode_response
+from .protocol import ErrorInfo, ResponseHeader, decode_response
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ _NO_RESPONDERS = "503"
 _RETRY_FIRST_S = 0.02
 _RETRY_MAX_S = 0.5
 _FIRST_CONNECT_ATTEMPTS = 3
+# JetStream's answers when an operator's work queue is full (max messages / max bytes).
+_QUEUE_FULL_ERRORS = {10077, 10078}
 
 
 def operator_subject(deployment: str, operator: str, version: int) -> str:
@@ -247,6 +249,8 @@ class ResponseStream:
         self._subject = ""
         self._payload = b""
         self._done = False
+        self._attempt = 1  # the delivery attempt whose responses we follow
+        self._partial = 0  # non-final responses of it already handed out
 
     def time_left(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
@@ -294,15 +298,63 @@ class ResponseStream:
                     if self.time_left() > 0:
                         await self._plane.publish(self._subject, self._payload, reply=self.reply_to)
                     continue
+                if msg.data[:1] == b"{":
+                    # The operator's JetStream work queue took the request (or refused it).
+                    refusal = self._stored(msg.data)
+                    if refusal is not None:
+                        self._done = True
+                        yield refusal, memoryview(b"")
+                    continue
                 try:
                     header, body = decode_response(msg.data)
                 except ProtocolError as exc:
                     raise ProtocolError(f"malformed response on {self._subject}: {exc}") from None
+                if header.attempt != self._attempt:
+                    if header.attempt < self._attempt:
+                        continue  # from a worker taken for dead that still answered
+                    if self._partial:
+                        # Its worker died mid-stream and another started over: the responses
+                        # handed out cannot be taken back, so end with an error, not duplicates.
+                        self._done = True
+                        yield self._worker_lost_mid_stream(header.attempt), memoryview(b"")
+                        continue
+                    self._attempt = header.attempt
                 if header.final:
                     self._done = True
+                else:
+                    self._partial += 1
                 yield header, body
         finally:
             self.close()
+
+    def _stored(self, data: bytes) -> ResponseHeader | None:
+        """An error response for a PubAck that refused the request; None when it was stored."""
+        try:
+            ack = json.loads(data)
+        except ValueError:
+            raise ProtocolError(f"malformed answer on {self._subject}: {bytes(data[:80])!r}") from None
+        error = ack.get("error") if isinstance(ack, dict) else None
+        if not error:
+            return None
+        description = error.get("description", error)
+        if error.get("err_code") in _QUEUE_FULL_ERRORS:
+            code = "overloaded"
+            message = (
+                f"the work queue of {self._subject} is full ({description}): its workers already "
+                "hold workers x (max_inflight_requests + max_queued_requests) requests"
+            )
+        else:
+            code, message = "not_accepted", f"the work queue of {self._subject} refused the request: {description}"
+        return ResponseHeader(id=self.request_id, error=ErrorInfo(code=code, message=message))
+
+    def _worker_lost_mid_stream(self, attempt: int) -> ResponseHeader:
+        message = (
+            f"the worker streaming responses to this request died after {self._partial} of them; "
+            f"delivery attempt {attempt} started over, and its responses would repeat those"
+        )
+        return ResponseHeader(
+            id=self.request_id, error=ErrorInfo(code="worker_lost", message=message), attempt=attempt
+        )
 
     def _timeout_message(self, nobody_serves: bool) -> str:
         why = (

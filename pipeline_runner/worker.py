@@ -30,7 +30,7 @@ from .errors import BadInputError, OperatorError, ProtocolError, RunnerError
 from .loader import load_operator_class
 from .nats_security import NatsClientOptions
 from .operator import Operator, OperatorContext, Request
-from .protocol import ErrorInfo, ResponseHeader, decode_request, encode_message
+from .protocol import ErrorInfo, ResponseHeader, decode_request, encode_message, salvage_reply_to
 from .remote import Connection, current_deadline, set_default_connection
 from .request_plane import (
     RequestPlane,
@@ -39,6 +39,7 @@ from .request_plane import (
     queue_group,
     stats_subject,
 )
+from .work_queue import WorkQueueConsumer, WorkQueueSettings, remove_work_queue, stream_name
 from .tensor import (
     TensorLike,
     TensorScope,
@@ -95,6 +96,21 @@ class Worker:
         self.cancelled = 0
         self._stopping = asyncio.Event()
         self.served = 0
+        self.redelivered = 0
+        self._work_queue: WorkQueueConsumer | None = None
+        if op.delivery.mode == "at_least_once":
+            self._work_queue = WorkQueueConsumer(
+                plane.nats,
+                WorkQueueSettings(
+                    stream=stream_name(spec.deployment, op.name, op.version),
+                    subject=self._subject,
+                    max_messages=op.workers * (op.max_inflight_requests + op.max_queued_requests),
+                    ack_wait_s=op.delivery.redeliver_after_s,
+                    storage=op.delivery.storage,
+                ),
+                on_message=self._on_queued,
+                capacity=lambda: op.max_inflight_requests - self._unfinished,
+            )
 
     async def serve(self, on_ready: Any = None) -> None:
         """Serve until SIGTERM/SIGINT, then drain in-flight requests and return."""
@@ -102,24 +118,36 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         op = self.spec.operator
-        sub = await self.plane.serve(
-            self._subject, queue_group(self.spec.deployment, op.name, op.version), self._on_message
-        )
+        sub = None
+        if self._work_queue is not None:
+            await self._work_queue.start()
+        else:
+            # Left over from an at-least-once deployment, the stream would swallow our requests.
+            if await remove_work_queue(self.plane.nats, stream_name(self.spec.deployment, op.name, op.version)):
+                log.info("removed the work queue of %s: delivery is now at most once", self._subject)
+            sub = await self.plane.serve(
+                self._subject, queue_group(self.spec.deployment, op.name, op.version), self._on_message
+            )
         stats_sub = await self.plane.nats.subscribe(stats_subject(self.spec.deployment), cb=self._on_stats)
         cancel_sub = await self.plane.nats.subscribe(
             cancel_subject(self.spec.deployment, op.name, op.version), cb=self._on_cancel
         )
         dispatcher = asyncio.create_task(self._dispatch())
-        log.info("serving %s as %s", self._subject, self.spec.worker_id)
+        log.info("serving %s as %s (delivery %s)", self._subject, self.spec.worker_id, op.delivery.mode)
         if on_ready:
             on_ready()
         await self._stopping.wait()
         log.info("stopping: draining %d unfinished requests", self._unfinished)
-        await self.plane.stop_serving(sub)
+        if self._work_queue is not None:
+            await self._work_queue.stop_pulling()
+        if sub is not None:
+            await self.plane.stop_serving(sub)
         deadline = time.monotonic() + self.spec.drain_timeout_s
         while self._unfinished and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         dispatcher.cancel()
+        if self._work_queue is not None:
+            await self._work_queue.stop()
         await self.plane.stop_serving(stats_sub)
         await self.plane.stop_serving(cancel_sub)
         log.info("stopped after serving %d requests", self.served)
@@ -131,6 +159,7 @@ class Worker:
             "pid": os.getpid(),
             "served": self.served,
             "cancelled": self.cancelled,
+            "redelivered": self.redelivered,
             "unfinished": self._unfinished,
             "data_plane": self.data_plane.stats(),
         }
@@ -162,6 +191,9 @@ class Worker:
                                f"(max_inflight_requests={op.max_inflight_requests}, "
                                f"max_queued_requests={op.max_queued_requests})")
             return
+        self._on_queued(msg)
+
+    def _on_queued(self, msg: Msg) -> None:
         self._unfinished += 1
         self._queue.put_nowait(msg)
 
@@ -197,23 +229,49 @@ class Worker:
         except Exception:  # a bug here must not kill the dispatcher or leak slots
             log.exception("internal error while serving a batch")
         finally:
+            if self._work_queue is not None:
+                # Every request of the batch has its final response sent (or never will):
+                # only now may JetStream forget it.
+                for msg in messages:
+                    await self._work_queue.done(msg)
             for _ in messages:
                 self._slots.release()
             self._unfinished -= len(messages)
+            if self._work_queue is not None:
+                self._work_queue.wake()
 
     async def _decode(self, msg: Msg) -> Request | None:
+        # From the work queue, msg.reply is JetStream's ack subject, not the caller's inbox.
+        queued = self._work_queue is not None
         try:
             header, body = decode_request(msg.data)
             inputs = decode_tensors(header.tensors, body, self.data_plane)
         except ProtocolError as exc:
             log.warning("rejected malformed request on %s: %s", msg.subject, exc)
-            if msg.reply:
-                await self._send(msg.reply, "", {}, {}, True, ("bad_request", str(exc)), 0.0)
+            reply_to = salvage_reply_to(msg.data) if queued else msg.reply
+            if reply_to:
+                await self._send(reply_to, "", {}, {}, True, ("bad_request", str(exc)), 0.0)
             return None
         if header.id in self._cancelled_early:
             del self._cancelled_early[header.id]
             return None  # the caller gave up before we started
+        attempt = 1
         deadline = time.monotonic() + header.timeout_s
+        if queued:
+            metadata = msg.metadata
+            attempt = metadata.num_delivered
+            # The deadline counts from when the caller sent it, however long it waited here.
+            deadline -= time.time() - metadata.timestamp.timestamp()
+            refusal = self._refuse_redelivery(attempt)
+            if attempt > 1:
+                self.redelivered += 1
+                log.warning("request %s delivered again (attempt %d): a worker holding it died",
+                            header.id, attempt)
+            if refusal is not None:
+                await self._send(header.reply_to, header.id, {}, {}, True, ("worker_lost", refusal), 0.0, attempt)
+                return None
+            if deadline <= time.monotonic():
+                return None  # its caller has already given up
 
         async def responder(
             outputs: Mapping[str, TensorLike],
@@ -222,9 +280,24 @@ class Worker:
             error: tuple[str, str] | None,
         ) -> None:
             lease_s = max(deadline - time.monotonic(), 0.0)
-            await self._send(header.reply_to, header.id, outputs, parameters, final, error, lease_s)
+            await self._send(header.reply_to, header.id, outputs, parameters, final, error, lease_s, attempt)
 
         return Request(header.id, header.parameters, inputs, deadline, responder)
+
+    def _refuse_redelivery(self, attempt: int) -> str | None:
+        """Why a request delivered for the ``attempt``-th time must not run, if it must not."""
+        op = self.spec.operator
+        if attempt > 1 and not op.delivery.idempotent:
+            return (
+                f"the worker handling this request died; operator {op.name!r} is not idempotent "
+                "(delivery.idempotent: false), so the request was not run again"
+            )
+        if attempt > op.delivery.max_attempts:
+            return (
+                f"{attempt - 1} workers of operator {op.name!r} died handling this request "
+                f"(delivery.max_attempts: {op.delivery.max_attempts}); giving up"
+            )
+        return None
 
     async def _execute(self, requests: list[Request]) -> None:
         token = current_deadline.set(max(r.deadline for r in requests))
@@ -270,6 +343,7 @@ class Worker:
         final: bool,
         error: tuple[str, str] | None,
         lease_s: float,
+        attempt: int = 1,
     ) -> None:
         encoded = await encode_tensors(outputs, self.data_plane, lease_s)
         header = ResponseHeader(
@@ -279,6 +353,7 @@ class Worker:
             parameters=dict(parameters),
             tensors=encoded.descriptors,
             worker=self.spec.worker_id,
+            attempt=attempt,
         )
         payload = encode_message(header, encoded.buffers)
         check_payload(len(payload), self.plane.max_payload, encoded.descriptors, "response")

@@ -12,6 +12,7 @@ import numpy as np
 from pipeline_runner.protocol import MAGIC, RequestHeader, decode_response, encode_message
 from pipeline_runner.request_plane import operator_subject
 from pipeline_runner.tensor import encode_tensors
+from pipeline_runner.work_queue import stream_name
 
 from .conftest import connected, make_config, op, running
 
@@ -49,8 +50,22 @@ async def _fuzz_messages(rng: random.Random, reply_to: str) -> list[bytes]:
     return messages
 
 
-async def test_200_fuzzed_messages_each_get_an_error_and_the_worker_keeps_serving(nats_url: str) -> None:
-    config = make_config(op("echo", "echo:Echo"))
+def _names_reply_address(payload: bytes) -> bool:
+    """Whether a malformed message still carries a readable reply_to in a framed JSON header."""
+    if len(payload) < 8 or payload[:4] != MAGIC:
+        return False
+    (length,) = struct.unpack_from("<I", payload, 4)
+    try:
+        header = json.loads(payload[8 : 8 + length])
+    except ValueError:
+        return False
+    return isinstance(header, dict) and isinstance(header.get("reply_to"), str)
+
+
+async def test_200_fuzzed_messages_on_a_plain_subject_each_get_an_error_and_the_worker_keeps_serving(
+    nats_url: str,
+) -> None:
+    config = make_config(op("echo", "echo:Echo", delivery={"mode": "at_most_once"}))
     async with running(config, nats_url) as deployment, connected(deployment) as conn:
         nc = conn.plane.nats
         inbox = nc.new_inbox()
@@ -70,6 +85,45 @@ async def test_200_fuzzed_messages_each_get_an_error_and_the_worker_keeps_servin
         await sub.unsubscribe()
         assert set(codes) == {"bad_request"}
         # Still serving, and never restarted.
+        response = await conn.operator("echo").infer({"x": np.array([1, 2, 3])})
+        assert list(await response.array("x")) == [1, 2, 3]
+        assert deployment.workers[0].restarts == 0
+
+
+async def test_200_fuzzed_messages_in_a_work_queue_are_answered_where_they_name_a_reply_address(
+    nats_url: str,
+) -> None:
+    # JetStream answers the NATS reply address with its PubAck, so a worker can only answer
+    # a malformed request at the reply_to its header names.
+    config = make_config(op("echo", "echo:Echo"))
+    async with running(config, nats_url) as deployment, connected(deployment) as conn:
+        nc = conn.plane.nats
+        inbox = nc.new_inbox()
+        replies: asyncio.Queue = asyncio.Queue()
+        sub = await nc.subscribe(inbox, cb=replies.put)
+        messages = await _fuzz_messages(random.Random(7), inbox)
+        answerable = sum(_names_reply_address(m) for m in messages)
+        assert 65 <= answerable < 200
+        subject = operator_subject("test", "echo", 1)
+        for payload in messages:
+            await nc.publish(subject, payload, reply=inbox)
+        stored, codes = 0, []
+        while stored < 200 or len(codes) < answerable:
+            msg = await asyncio.wait_for(replies.get(), timeout=10)
+            if msg.data.startswith(b"{"):
+                assert "error" not in json.loads(msg.data)
+                stored += 1
+                continue
+            header, _ = decode_response(msg.data)
+            assert header.final and header.error is not None, header
+            codes.append(header.error.code)
+        await asyncio.sleep(0.3)
+        assert replies.empty(), "a malformed request was answered twice"
+        await sub.unsubscribe()
+        assert set(codes) == {"bad_request"}
+        # Nothing malformed is left behind in the queue to be delivered again.
+        info = await nc.jsm().stream_info(stream_name("test", "echo", 1))
+        assert info.state.messages == 0
         response = await conn.operator("echo").infer({"x": np.array([1, 2, 3])})
         assert list(await response.array("x")) == [1, 2, 3]
         assert deployment.workers[0].restarts == 0
