@@ -29,8 +29,9 @@ log = logging.getLogger("pipeline_runner.deployment")
 
 _RESTART_FIRST_S = 0.1
 _RESTART_MAX_S = 5.0
-# A worker that stayed up this long is healthy again: its next crash restarts at once.
-_STABLE_S = 30.0
+# A worker that served this long after reporting ready is restarted at once when it dies (it
+# was killed, or a request crashed it); one dying sooner backs off, so a crash loop cannot spin.
+_STABLE_S = 1.0
 
 
 class WorkerProcess:
@@ -43,6 +44,9 @@ class WorkerProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
         self.started_at = 0.0
+        #: True from its "ready" report until its process exits.
+        self.ready = False
+        self.ready_at: float | None = None
 
     @property
     def pid(self) -> int | None:
@@ -54,6 +58,7 @@ class WorkerProcess:
 
     async def start(self, timeout_s: float) -> None:
         """Spawn the process and return once it reports ready; raise WorkerStartError if not."""
+        self.ready, self.ready_at = False, None
         read_fd, write_fd = os.pipe()
         env = dict(os.environ, **{STATUS_FD_ENV: str(write_fd)})
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -81,6 +86,8 @@ class WorkerProcess:
             error = status.get("error") or self._log_tail()
             await self.kill()
             raise WorkerStartError(f"worker {self.name} failed to start: {error} (log: {self.log_file})")
+        self.ready = True
+        self.ready_at = time.monotonic()
 
     async def _read_status(self, read_fd: int, timeout_s: float) -> dict:
         loop = asyncio.get_running_loop()
@@ -236,9 +243,10 @@ class Deployment:
         while not self._stopping:
             assert worker.proc is not None
             code = await worker.proc.wait()
+            worker.ready = False
             if self._stopping:
                 return
-            if time.monotonic() - worker.started_at > _STABLE_S:
+            if worker.ready_at is not None and time.monotonic() - worker.ready_at > _STABLE_S:
                 backoff = _RESTART_FIRST_S
             worker.restarts += 1
             log.warning(

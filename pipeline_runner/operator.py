@@ -122,12 +122,15 @@ class Response:
         final: bool,
         worker: str | None,
         data_plane: DataPlane | None = None,
+        attempt: int = 1,
     ):
         self.request_id = request_id
         self.outputs = outputs
         self.parameters = parameters
         self.final = final
         self.worker = worker
+        #: Which delivery produced it: above 1 when a worker died holding the request.
+        self.attempt = attempt
         self._data_plane = data_plane
 
     def release(self) -> None:

@@ -160,8 +160,9 @@ class RemoteOperator:
                             scope.adopt(remote)
                         final_seen = response.final
                         yield Response(
-                            response.id, outputs, response.parameters, response.final, response.worker, data_plane
-                        )
+                            response.id, outputs, response.parameters, response.final, response.worker,
+                            data_plane, response.attempt,
+                        )  # fmt: skip
                 except RequestTimeoutError as exc:
                     raise RequestTimeoutError(f"operator {self.name!r} (v{self.version}): {exc}") from None
         finally:

@@ -65,6 +65,9 @@ class RequestPlane:
         self._inbox_prefix = f"_INBOX.{secrets.token_hex(8)}"
         self._inbox_sub: Subscription | None = None
         self._streams: dict[str, ResponseStream] = {}
+        #: Responses that arrived after their request had ended (e.g. a second final answer
+        #: from a redelivered request); they are dropped, never handed to a caller.
+        self.late_responses = 0
 
     @classmethod
     async def connect(
@@ -174,8 +177,10 @@ class RequestPlane:
     async def _on_response(self, msg: Msg) -> None:
         request_id = msg.subject.rsplit(".", 1)[-1]
         stream = self._streams.get(request_id)
-        if stream is not None:  # else: a late answer to a finished request; dropped on purpose
+        if stream is not None:
             stream._deliver(msg)
+        else:
+            self.late_responses += 1
 
     # --- serving --------------------------------------------------------------------------
 

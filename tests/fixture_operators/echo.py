@@ -149,3 +149,41 @@ class Deadline(Operator):
                 await asyncio.sleep(float(request.parameters.get("sleep", 0)))
                 chain = [left]
             await request.respond(parameters={"chain": chain})
+
+
+class Crash(Operator):
+    """Dies by SIGKILL while holding a request, as the ``mode`` parameter says.
+
+    ``before``: before answering; ``after``: right after the final response; ``mid_stream``:
+    after the first of three streamed responses. With ``once`` (a file path) it dies only the
+    first time, and answers normally once the file exists.
+    """
+
+    async def execute(self, requests: list[Request]) -> None:
+        for request in requests:
+            mode = request.parameters.get("mode", "before")
+            once = request.parameters.get("once")
+            crash = True
+            if once:
+                try:
+                    with open(once, "x"):
+                        pass
+                except FileExistsError:
+                    crash = False
+            reply = {"worker": self.context.worker}
+            if mode == "before" and crash:
+                _die()
+            if mode == "mid_stream":
+                await request.respond({"index": np.array([0])}, parameters=reply, final=False)
+                if crash:
+                    await asyncio.sleep(0.3)  # lets the partial response leave the process
+                    _die()
+                await request.respond({"index": np.array([1])}, parameters=reply, final=False)
+            await request.respond({"index": np.array([2])}, parameters=reply)
+            if mode == "after" and crash:
+                await asyncio.sleep(0.3)
+                _die()
+
+
+def _die() -> None:
+    os.kill(os.getpid(), 9)
