@@ -3,9 +3,12 @@
 Issue 5 asks for "a request is acknowledged only after its final response is sent" and
 redelivery when a worker dies. Candidates, each with its responder in a separate process:
 
-- core request/reply in a queue group (what the runner uses today; no redelivery by itself),
+- core request/reply in a queue group (``delivery.mode: at_most_once``; no redelivery by itself),
+- core request/reply where the worker first sends an "accepted" notice naming itself: the least
+  a caller-side retry scheme needs on the happy path (it must also learn of worker deaths,
+  e.g. from heartbeats, which this row leaves out),
 - JetStream work-queue stream + durable pull consumer with explicit ack after the reply,
-  requests published with plain core publish (no PubAck round trip),
+  requests published with plain core publish (no PubAck round trip), memory and file storage,
 - the same with ``js.publish`` (the caller waits for the stream's PubAck, so a full stream or
   missing stream is reported to it).
 
@@ -40,9 +43,15 @@ async def main():
         async def echo(msg):
             await msg.respond(msg.data)
         await nc.subscribe("bench.core", queue="workers", cb=echo)
+    elif mode == "accepted":
+        async def accept_then_echo(msg):
+            await nc.publish(msg.reply, b"accepted by worker-1")
+            await msg.respond(msg.data)
+        await nc.subscribe("bench.accepted", queue="workers", cb=accept_then_echo)
     else:
         js = nc.jetstream()
-        sub = await js.pull_subscribe("bench.js", durable="workers", stream="BENCH")
+        stream = "BENCH" if mode == "js" else "BENCHFILE"
+        sub = await js.pull_subscribe(f"bench.{mode}", durable="workers", stream=stream)
         async def serve(msg):
             await nc.publish(msg.headers["Reply-To"], msg.data)
             await msg.ack()
@@ -73,9 +82,10 @@ async def main() -> None:
     nc = await nats.connect(url)
     js = nc.jetstream()
     await js.add_stream(name="BENCH", subjects=["bench.js"], retention="workqueue", storage="memory")
+    await js.add_stream(name="BENCHFILE", subjects=["bench.jsfile"], retention="workqueue", storage="file")
     responders = [
         subprocess.Popen([sys.executable, "-c", RESPONDER, mode, url], stdout=subprocess.PIPE, text=True)
-        for mode in ("core", "js")
+        for mode in ("core", "accepted", "js", "jsfile")
     ]
     for proc in responders:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
@@ -95,33 +105,56 @@ async def main() -> None:
     async def core() -> None:
         await nc.request("bench.core", payload, timeout=10)
 
-    async def js_request(wait_for_ack: bool) -> None:
+    accepted: dict[str, asyncio.Queue[bytes]] = {}
+
+    async def on_accepted(msg: Any) -> None:
+        accepted[msg.subject].put_nowait(msg.data)
+
+    await nc.subscribe(f"{inbox_prefix}.acc.*", cb=on_accepted)
+
+    async def core_with_accepted() -> None:
+        reply = f"{inbox_prefix}.acc.{next(counter)}"
+        answers = accepted[reply] = asyncio.Queue()
+        try:
+            await nc.publish("bench.accepted", payload, reply=reply)
+            assert (await asyncio.wait_for(answers.get(), 10)).startswith(b"accepted")
+            await asyncio.wait_for(answers.get(), 10)
+        finally:
+            del accepted[reply]
+
+    async def js_request(subject: str, wait_for_ack: bool) -> None:
         reply = f"{inbox_prefix}.{next(counter)}"
         future = asyncio.get_running_loop().create_future()
         pending[reply] = future
         if wait_for_ack:
-            await js.publish("bench.js", payload, headers={"Reply-To": reply})
+            await js.publish(subject, payload, headers={"Reply-To": reply})
         else:
-            await nc.publish("bench.js", payload, headers={"Reply-To": reply})
+            await nc.publish(subject, payload, headers={"Reply-To": reply})
         await asyncio.wait_for(future, 10)
 
     async def js_core_publish() -> None:
-        await js_request(False)
+        await js_request("bench.js", False)
+
+    async def js_file_core_publish() -> None:
+        await js_request("bench.jsfile", False)
 
     async def js_with_puback() -> None:
-        await js_request(True)
+        await js_request("bench.js", True)
 
     rows = []
     try:
-        for call in (core, js_core_publish, js_with_puback):
+        mechanisms = (
+            ("core request/reply (queue group)", core),
+            ("core + 'accepted' notice (caller-side retry)", core_with_accepted),
+            ("JetStream work queue, core publish", js_core_publish),
+            ("JetStream work queue (file), core publish", js_file_core_publish),
+            ("JetStream work queue, js.publish + PubAck", js_with_puback),
+        )
+        for _, call in mechanisms:
             for _ in range(200):
                 await call()
         for concurrency in (1, 64):
-            for name, call in (
-                ("core request/reply (queue group)", core),
-                ("JetStream work queue, core publish", js_core_publish),
-                ("JetStream work queue, js.publish + PubAck", js_with_puback),
-            ):
+            for name, call in mechanisms:
                 rows.append({"mechanism": name, "concurrency": concurrency, **await timed(call, args.requests, concurrency)})
     finally:
         for proc in responders:
@@ -132,7 +165,7 @@ async def main() -> None:
     table = Table(title=f"delivery mechanisms ({args.size_bytes} B payload, {os.cpu_count()} CPUs)")
     for column in ("mechanism", "concurrency", "req/s", "p50 ms", "p99 ms", "vs core"):
         table.add_column(column, justify="left" if column == "mechanism" else "right", no_wrap=True)
-    base = {r["concurrency"]: r["req_per_s"] for r in rows if r["mechanism"].startswith("core")}
+    base = {r["concurrency"]: r["req_per_s"] for r in rows if r["mechanism"] == mechanisms[0][0]}
     for r in rows:
         table.add_row(
             r["mechanism"], str(r["concurrency"]), f"{r['req_per_s']:.0f}", f"{r['p50_ms']:.3f}",

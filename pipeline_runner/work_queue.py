@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -23,6 +25,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import api
 
 from .errors import RunnerError
@@ -120,9 +123,14 @@ async def remove_work_queue(nc: NATS, stream: str) -> bool:
 class WorkQueueConsumer:
     """Pulls requests for one worker, at most ``capacity()`` at a time, and keeps them alive.
 
-    ``on_message`` is called for every delivered request. Each must end with :meth:`done`
-    (after its final response is sent); until then the consumer tells JetStream, every third
-    of ``ack_wait``, that the request is still being worked on.
+    ``on_message`` is called for every delivered request as it arrives. Each must end with
+    :meth:`done` (after its final response is sent); until then the consumer tells JetStream,
+    every third of ``ack_wait``, that the request is still being worked on.
+
+    Pull requests are sent by hand rather than through nats-py's ``fetch``, whose batches are
+    handed over only when complete: a request delivered early in a batch would wait for the
+    rest. Here each message goes to the worker the moment it arrives, and credit (how many
+    more messages the server may send) is topped up as slots free.
     """
 
     def __init__(
@@ -137,9 +145,15 @@ class WorkQueueConsumer:
         self._on_message = on_message
         self._capacity = capacity
         self._held: dict[int, tuple[Msg, float]] = {}
-        self._wake = asyncio.Event()
+        # Open pull requests, oldest first: [messages the server may still send, expiry].
+        self._pulls: deque[list[float]] = deque()
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{settings.stream}.{CONSUMER}"
+        self._deliver = nc.new_inbox()
+        self._sub: Subscription | None = None
+        self._pulling = False
+        self._reconnects = 0
+        self._broken_since: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._sub: nats.js.JetStreamContext.PullSubscription | None = None
 
     @property
     def held(self) -> int:
@@ -148,17 +162,18 @@ class WorkQueueConsumer:
 
     async def start(self) -> None:
         await ensure_work_queue(self._nc, self.settings)
-        self._sub = await self._nc.jetstream().pull_subscribe_bind(
-            durable=CONSUMER, stream=self.settings.stream
+        self._sub = await self._nc.subscribe(
+            self._deliver, cb=self._on_delivery, pending_msgs_limit=1_000_000, pending_bytes_limit=1 << 30
         )
-        self._tasks = [
-            asyncio.create_task(self._pull_loop()),
-            asyncio.create_task(self._progress_loop()),
-        ]
+        self._pulling = True
+        self._reconnects = self._nc.stats["reconnects"]
+        await self._pull()
+        self._tasks = [asyncio.create_task(self._tick())]
 
-    def wake(self) -> None:
-        """Capacity was freed: pull again."""
-        self._wake.set()
+    async def refill(self) -> None:
+        """Capacity was freed: top up the credit."""
+        if self._pulling:
+            await self._pull()
 
     async def done(self, msg: Msg) -> None:
         """Acknowledge ``msg``: JetStream deletes it and never delivers it again."""
@@ -168,60 +183,89 @@ class WorkQueueConsumer:
 
     async def stop_pulling(self) -> None:
         """Take no more requests; held ones still need :meth:`done` (or are redelivered)."""
-        pull = self._tasks[0] if self._tasks else None
-        if pull is not None:
-            pull.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pull
+        self._pulling = False
         if self._sub is not None:
             with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+                await self._sub.unsubscribe()  # open pull requests die with their interest
             self._sub = None
+        self._pulls.clear()
 
     async def stop(self) -> None:
         await self.stop_pulling()
-        for task in self._tasks:
+        for task in list(self._tasks):
             task.cancel()
-        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def _pull_loop(self) -> None:
-        assert self._sub is not None
-        failures = 0
-        while True:
-            free = self._capacity()
-            if free <= 0:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            try:
-                msgs = await self._sub.fetch(batch=free, timeout=_PULL_EXPIRES_S)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                continue  # idle
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # NATS away, or the stream vanished with a restarted server
-                failures += 1
-                level = logging.WARNING if failures in (1, 10) else logging.DEBUG
-                log.log(level, "pulling from %s failed (%s); retrying", self.settings.stream, exc)
-                await asyncio.sleep(min(0.1 * failures, 2.0))
-                if self._nc.is_connected:
-                    with contextlib.suppress(Exception):
-                        await ensure_work_queue(self._nc, self.settings)
-                continue
-            failures = 0
-            now = time.monotonic()
-            for msg in msgs:
-                self._held[id(msg)] = (msg, now)
-                self._on_message(msg)
+    async def _pull(self) -> None:
+        """Ask for as many messages as there are free slots not yet covered by credit."""
+        now = time.monotonic()
+        while self._pulls and self._pulls[0][1] < now:
+            self._pulls.popleft()  # its expiry notice was lost (e.g. in a reconnect)
+        credit = int(sum(p[0] for p in self._pulls))
+        wanted = self._capacity() - credit
+        # While credit remains, wait for a few free slots rather than pull for each one.
+        if wanted <= 0 or (credit and wanted < self._min_batch()):
+            return
+        if not self._pulling or not self._nc.is_connected:
+            return
+        request = {"batch": wanted, "expires": int(_PULL_EXPIRES_S * 1e9)}
+        self._pulls.append([wanted, now + _PULL_EXPIRES_S + 1.0])
+        with contextlib.suppress(Exception):
+            await self._nc.publish(self._next_subject, json.dumps(request).encode(), reply=self._deliver)
 
-    async def _progress_loop(self) -> None:
+    def _min_batch(self) -> int:
+        return max(1, (self._capacity() + self.held) // 4)
+
+    async def _on_delivery(self, msg: Msg) -> None:
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is None and msg.reply:
+            if self._pulls:
+                self._pulls[0][0] -= 1
+                if self._pulls[0][0] <= 0:
+                    self._pulls.popleft()
+            self._broken_since = None
+            self._held[id(msg)] = (msg, time.monotonic())
+            self._on_message(msg)
+            return
+        if status in ("404", "408"):  # the oldest pull request ended (none left / expired)
+            if self._pulls:
+                self._pulls.popleft()
+        elif status == "100":  # idle heartbeat
+            return
+        else:
+            # 409 (consumer deleted, leadership change, ...) or 503 (no stream: a restarted
+            # server lost it): every open pull is void; the tick rebuilds the queue.
+            self._pulls.clear()
+            if self._broken_since is None:
+                self._broken_since = time.monotonic()
+                log.warning("pulling from %s failed: %s %s", self.settings.stream, status,
+                            msg.headers.get("Description", "") if msg.headers else "")
+            return
+        await self._pull()
+
+    async def _tick(self) -> None:
+        """Progress for held requests; recover pulls lost to reconnects or a vanished stream."""
         period = self.settings.ack_wait_s / 3
         while True:
-            await asyncio.sleep(period)
-            stale = time.monotonic() - period
+            await asyncio.sleep(min(period, 1.0))
+            now = time.monotonic()
             for msg, since in list(self._held.values()):
-                if since <= stale:
+                if now - since >= period:
                     with contextlib.suppress(Exception):
                         await msg.in_progress()
+                    self._held[id(msg)] = (msg, now)
+            if not self._pulling or not self._nc.is_connected:
+                continue
+            reconnects = self._nc.stats["reconnects"]
+            if reconnects != self._reconnects:
+                # Pull requests do not survive a reconnect; the stream may not have either.
+                self._reconnects = reconnects
+                self._pulls.clear()
+                self._broken_since = self._broken_since or now
+            if self._broken_since is not None:
+                with contextlib.suppress(Exception):
+                    await ensure_work_queue(self._nc, self.settings)
+                    self._broken_since = None
+                    self._pulls.clear()
+            await self._pull()

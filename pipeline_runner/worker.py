@@ -238,7 +238,7 @@ class Worker:
                 self._slots.release()
             self._unfinished -= len(messages)
             if self._work_queue is not None:
-                self._work_queue.wake()
+                await self._work_queue.refill()
 
     async def _decode(self, msg: Msg) -> Request | None:
         # From the work queue, msg.reply is JetStream's ack subject, not the caller's inbox.
