@@ -59,7 +59,7 @@ async def main():
             while True:
                 try:
                     msgs = await sub.fetch(batch=64, timeout=1)
-                except nats.errors.TimeoutError:
+                except (nats.errors.TimeoutError, asyncio.TimeoutError):
                     continue
                 await asyncio.gather(*(serve(m) for m in msgs))
         asyncio.get_running_loop().create_task(pull())

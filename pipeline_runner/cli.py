@@ -129,13 +129,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
         )
         stats = asyncio.run(_worker_stats(state, len(state.workers)))
         table = Table(show_header=True)
-        for column in ("worker", "pid", "restarts", "served", "unfinished", "cancelled", "tensors held"):
+        columns = ("worker", "pid", "restarts", "served", "unfinished", "cancelled", "redelivered", "tensors held")
+        for column in columns:
             table.add_column(column, justify="left" if column == "worker" else "right", no_wrap=True)
         restarts = {f"{w.operator}.{w.index}": w.restarts for w in state.workers}
         for s in sorted(stats, key=lambda s: s["worker"]):
             table.add_row(
                 s["worker"], str(s["pid"]), str(restarts.get(s["worker"], "?")), str(s["served"]),
-                str(s["unfinished"]), str(s["cancelled"]), str(s["data_plane"]["stored_tensors"]),
+                str(s["unfinished"]), str(s["cancelled"]), str(s.get("redelivered", 0)),
+                str(s["data_plane"]["stored_tensors"]),
             )  # fmt: skip
         Console(width=max(Console().width, 100)).print(table)
         if len(stats) < alive:
