@@ -18,6 +18,7 @@ from pydantic import (
     ValidationError,
     ValidatorFunctionWrapHandler,
     field_validator,
+    model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
@@ -293,6 +294,26 @@ class DeploymentConfig(_Model):
         except ValidationError as exc:
             details = _error_details(exc)
         raise ValidationError.from_exception_data(cls.__name__, details + duplicates)
+
+    @model_validator(mode="after")
+    def _jetstream_for_guaranteed_delivery(self) -> DeploymentConfig:
+        embedded = self.request_plane.embedded
+        if self.request_plane.nats_url is not None or embedded.jetstream:
+            return self
+        needing = [op.name for op in self.operators if op.delivery.mode == "at_least_once"]
+        if not needing:
+            return self
+        error = _rule_error(
+            "jetstream_needed",
+            "operators {needing} use delivery.mode 'at_least_once', which needs JetStream",
+            requirement=(
+                f"must be true: operators {', '.join(needing)} use delivery.mode 'at_least_once', "
+                "which needs JetStream (or set their delivery.mode to 'at_most_once')"
+            ),
+            needing=", ".join(needing),
+        )
+        details = [InitErrorDetails(type=error, loc=("request_plane", "embedded", "jetstream"), input=False)]
+        raise ValidationError.from_exception_data(type(self).__name__, details)
 
     @property
     def source(self) -> Path | None:

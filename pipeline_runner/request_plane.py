@@ -255,6 +255,8 @@ class ResponseStream:
         self._payload = b""
         self._done = False
         self._attempt = 1  # the delivery attempt whose responses we follow
+        self._stored_in_queue = False  # a work queue took the request
+        self._answered = False  # any response arrived
         self._partial = 0  # non-final responses of it already handed out
 
     def time_left(self) -> float:
@@ -305,6 +307,7 @@ class ResponseStream:
                     continue
                 if msg.data[:1] == b"{":
                     # The operator's JetStream work queue took the request (or refused it).
+                    self._stored_in_queue = True
                     refusal = self._stored(msg.data)
                     if refusal is not None:
                         self._done = True
@@ -314,6 +317,7 @@ class ResponseStream:
                     header, body = decode_response(msg.data)
                 except ProtocolError as exc:
                     raise ProtocolError(f"malformed response on {self._subject}: {exc}") from None
+                self._answered = True
                 if header.attempt != self._attempt:
                     if header.attempt < self._attempt:
                         continue  # from a worker taken for dead that still answered
@@ -334,6 +338,8 @@ class ResponseStream:
 
     def _stored(self, data: bytes) -> ResponseHeader | None:
         """An error response for a PubAck that refused the request; None when it was stored."""
+        if b'"error"' not in data:  # the common case, without parsing
+            return None
         try:
             ack = json.loads(data)
         except ValueError:
@@ -362,9 +368,10 @@ class ResponseStream:
         )
 
     def _timeout_message(self, nobody_serves: bool) -> str:
-        why = (
-            "no worker is serving this subject"
-            if nobody_serves
-            else "no final response arrived"
-        )
+        if nobody_serves:
+            why = "no worker is serving this subject"
+        elif self._stored_in_queue and not self._answered:
+            why = "it waited in the operator's work queue and no worker answered (are its workers running?)"
+        else:
+            why = "no final response arrived"
         return f"request to {self._subject} timed out after {self.timeout_s:g} s: {why}"

@@ -79,9 +79,9 @@ class WorkQueueSettings:
         )
 
 
-def _jetstream_missing(url_hint: str) -> RunnerError:
+def _jetstream_missing() -> RunnerError:
     return RunnerError(
-        f"the NATS server{url_hint} has no JetStream, which delivery.mode 'at_least_once' needs: "
+        "the NATS server has no JetStream, which delivery.mode 'at_least_once' needs: "
         "start it with JetStream (nats-server -js) or set the operator's delivery.mode to 'at_most_once'"
     )
 
@@ -106,8 +106,8 @@ async def ensure_work_queue(nc: NATS, settings: WorkQueueSettings) -> None:
                 await jsm.delete_stream(settings.stream)
                 await jsm.add_stream(config)
         await jsm.add_consumer(settings.stream, settings.consumer_config())
-    except nats.errors.NoRespondersError:
-        raise _jetstream_missing("") from None
+    except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
+        raise _jetstream_missing() from None
     except nats.js.errors.APIError as exc:
         raise RunnerError(f"cannot set up the work queue {settings.stream}: {exc.description or exc}") from None
 
@@ -116,7 +116,12 @@ async def remove_work_queue(nc: NATS, stream: str) -> bool:
     """Delete ``stream`` if it exists (an operator switched to at-most-once delivery)."""
     try:
         return bool(await nc.jsm(timeout=_API_TIMEOUT_S).delete_stream(stream))
-    except (nats.js.errors.NotFoundError, nats.errors.NoRespondersError, nats.errors.TimeoutError):
+    except (
+        nats.js.errors.NotFoundError,
+        nats.js.errors.ServiceUnavailableError,
+        nats.errors.NoRespondersError,
+        nats.errors.TimeoutError,
+    ):
         return False
 
 

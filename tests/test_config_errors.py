@@ -63,6 +63,25 @@ def test_workers_written_as_a_word(deployment: WriteDeployment) -> None:
     ]
 
 
+def test_an_unknown_delivery_mode_lists_the_choices(deployment: WriteDeployment) -> None:
+    path = deployment(HEADER + "    delivery:\n      mode: exactly_once\n")
+    [problem] = problems_of(path)
+    assert problem.startswith("hello_world.yaml:6: operators[0].delivery.mode: must be one of")
+    assert "'at_least_once'" in problem and "'at_most_once'" in problem and '"exactly_once"' in problem
+
+
+def test_guaranteed_delivery_on_an_embedded_server_without_jetstream(deployment: WriteDeployment) -> None:
+    path = deployment(HEADER + "request_plane:\n  embedded:\n    jetstream: false\n")
+    assert problems_of(path) == [
+        "hello_world.yaml:7: request_plane.embedded.jetstream: must be true: operators encoder use "
+        "delivery.mode 'at_least_once', which needs JetStream (or set their delivery.mode to "
+        "'at_most_once'), got false"
+    ]
+    # Without the guarantee the file is fine.
+    deployment(HEADER + "    delivery: {mode: at_most_once}\nrequest_plane:\n  embedded:\n    jetstream: false\n")
+    assert load_deployment(FILE).operators[0].delivery.mode == "at_most_once"
+
+
 def test_zero_workers(deployment: WriteDeployment) -> None:
     path = deployment(HEADER + "    workers: 0\n")
     assert problems_of(path) == ["hello_world.yaml:5: operators[0].workers: must be an integer >= 1, got 0"]

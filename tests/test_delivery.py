@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline_runner import OperatorError
+from pipeline_runner import Connection, OperatorError, RequestTimeoutError, WorkerStartError
+from pipeline_runner.nats_server import NatsServer
 
 from .conftest import connected, make_config, op, running
 
@@ -43,7 +44,7 @@ async def test_requests_held_by_a_killed_worker_are_answered_by_another(nats_url
         assert attempts == {1: 4, 2: 4}, attempts
         # The redelivered ones were answered by the survivor or the restarted worker.
         assert all(r.worker is not None for r in responses if r.attempt == 2)
-        assert time.monotonic() - started < 1.0 + 1.5 + 2.0
+        assert time.monotonic() - started < 10  # redelivered well before the 20 s deadline
         await _wait_for(lambda: victim.restarts == 1)
 
 
@@ -143,3 +144,30 @@ async def test_requests_wait_in_the_queue_while_no_worker_runs_and_keep_their_de
         [stats] = await conn.worker_stats(expected=1)
         assert stats["served"] == 1  # only the last request ran on the restarted worker
         assert time.monotonic() - started < 20
+
+
+async def test_a_request_left_in_the_queue_of_a_stopped_deployment_times_out_saying_so(nats_url: str) -> None:
+    config = make_config(op("echo", "echo:Echo"))
+    async with running(config, nats_url):
+        pass  # the work queue stays on the NATS server after the deployment stops
+    async with await Connection.connect(nats_url, "test") as conn:
+        with pytest.raises(RequestTimeoutError, match="waited in the operator's work queue and no worker answered"):
+            await conn.operator("echo").infer({"x": np.array([1])}, timeout_s=0.5)
+
+
+async def test_at_least_once_on_a_server_without_jetstream_fails_the_deploy_with_the_fix(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path / "nats", jetstream=False)
+    url = await server.start()
+    try:
+        with pytest.raises(WorkerStartError) as caught:
+            async with running(make_config(op("echo", "echo:Echo")), url):
+                pass
+        message = str(caught.value)
+        assert "has no JetStream" in message and "at_most_once" in message
+        # The same operator without the guarantee runs there.
+        async with running(make_config(op("echo", "echo:Echo", delivery={"mode": "at_most_once"})), url) as d:
+            async with connected(d) as conn:
+                response = await conn.operator("echo").infer({"x": np.array([2])})
+                assert list(await response.array("x")) == [2]
+    finally:
+        await server.stop()
