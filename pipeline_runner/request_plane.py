@@ -371,7 +371,10 @@ class ResponseStream:
         if nobody_serves:
             why = "no worker is serving this subject"
         elif self._stored_in_queue and not self._answered:
-            why = "it waited in the operator's work queue and no worker answered (are its workers running?)"
+            why = (
+                "no final response arrived (the operator's work queue took the request; "
+                "no worker has answered it: they are busy or slow, or none is running)"
+            )
         else:
             why = "no final response arrived"
         return f"request to {self._subject} timed out after {self.timeout_s:g} s: {why}"

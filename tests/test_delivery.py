@@ -151,7 +151,7 @@ async def test_a_request_left_in_the_queue_of_a_stopped_deployment_times_out_say
     async with running(config, nats_url):
         pass  # the work queue stays on the NATS server after the deployment stops
     async with await Connection.connect(nats_url, "test") as conn:
-        with pytest.raises(RequestTimeoutError, match="waited in the operator's work queue and no worker answered"):
+        with pytest.raises(RequestTimeoutError, match="work queue took the request; no worker has answered it"):
             await conn.operator("echo").infer({"x": np.array([1])}, timeout_s=0.5)
 
 

@@ -66,7 +66,7 @@ async def test_a_worker_killed_with_sigkill_is_restarted_and_serving_resumes(nat
         old_pid = victim.pid
         assert old_pid is not None
         os.kill(old_pid, signal.SIGKILL)
-        await _wait_until(lambda: victim.restarts == 1 and victim.pid not in (None, old_pid))
+        await _wait_until(lambda: victim.restarts == 1 and victim.ready and victim.pid != old_pid)
         assert not is_running(old_pid)
         # Both workers serve again: the restarted one answers too.
         served = set()
