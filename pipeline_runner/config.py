@@ -186,12 +186,34 @@ class OperatorConfig(_Model):
 
     name: Name
     kind: Literal["python", "triton"] = Field(
-        "python", description="'python' runs a Python class; 'triton' is reserved for Triton models."
+        "python",
+        description="'python' runs a Python class; 'triton' runs a model of a Triton model repository.",
     )
-    implementation: str = Field(
+    implementation: str | None = Field(
+        None,
         min_length=1,
         description=(
-            "'package.module:Class', or a file path 'path/to/file.py[:Class]' relative to working_dir."
+            "kind python: 'package.module:Class', or a file path 'path/to/file.py[:Class]' "
+            "relative to working_dir."
+        ),
+    )
+    repository: str | None = Field(
+        None,
+        min_length=1,
+        description="kind triton: the Triton model repository directory, relative to working_dir.",
+    )
+    model: str | None = Field(
+        None, min_length=1, description="kind triton: the model's name in the repository; default: the operator's name."
+    )
+    model_version: int | None = Field(
+        None, ge=1, description="kind triton: the model version to call; default: Triton's choice (the latest)."
+    )
+    config_overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "kind triton: fields merged into the model's config.pbtxt when it is loaded, in "
+            "Triton's JSON form, e.g. {instance_group: [{count: 2, kind: KIND_CPU}]}, "
+            "parameters, dynamic_batching. A list replaces the file's list; parameters merge by key."
         ),
     )
     version: int = Field(1, ge=1, description="Part of the operator's subject; callers ask for a version.")
@@ -219,16 +241,57 @@ class OperatorConfig(_Model):
     )
     log_level: LogLevel | None = Field(None, description="Overrides the deployment's log_level.")
 
-    @field_validator("kind")
+    @model_validator(mode="wrap")
     @classmethod
-    def _kind_is_available(cls, kind: str) -> str:
-        if kind == "triton":
-            raise _rule_error(
-                "kind_reserved",
-                "kind 'triton' is reserved and not available in this version; use 'python'",
-                requirement="must be 'python' ('triton' is reserved and not available in this version)",
-            )
-        return kind
+    def _fields_of_its_kind(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> OperatorConfig:
+        # Wraps the fields' own validation so that a missing or misplaced key is reported
+        # together with whatever else is wrong with the operator.
+        details = _kind_problems(data)
+        if not details:
+            validated: OperatorConfig = handler(data)
+            return validated
+        try:
+            handler(data)
+        except ValidationError as exc:
+            details = _error_details(exc) + details
+        raise ValidationError.from_exception_data(cls.__name__, details)
+
+
+_KIND_KEYS = {
+    "python": ("implementation",),
+    "triton": ("repository", "model", "model_version", "config_overrides"),
+}
+_KIND_NEEDS = {"python": "implementation", "triton": "repository"}
+
+
+def _kind_problems(op: Any) -> list[InitErrorDetails]:
+    """Errors for an operator (as written) lacking its kind's key or using the other kind's."""
+    if not isinstance(op, dict) or op.get("kind", "python") not in _KIND_NEEDS:
+        return []
+    kind = op.get("kind", "python")
+    details = []
+    needed = _KIND_NEEDS[kind]
+    # A key set to its empty default counts as absent (that is how a model dumps it).
+    if op.get(needed) is None:
+        error = _rule_error(
+            "missing_key",
+            "missing required key {key!r}",
+            requirement=f"missing required key {needed!r} (kind {kind!r} needs it)",
+            key=needed,
+        )
+        details.append(InitErrorDetails(type=error, loc=(needed,), input=None))
+    for other, keys in _KIND_KEYS.items():
+        for key in keys if other != kind else ():
+            if op.get(key) not in (None, {}):
+                error = _rule_error(
+                    "foreign_key",
+                    "key {key!r} is not used by kind {kind!r}",
+                    requirement=f"must not be set for kind {kind!r} (it belongs to kind {other!r})",
+                    key=key,
+                    kind=kind,
+                )
+                details.append(InitErrorDetails(type=error, loc=(key,), input=op[key]))
+    return details
 
 
 def _duplicate_names(operators: Any) -> list[InitErrorDetails]:

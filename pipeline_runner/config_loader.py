@@ -22,8 +22,8 @@ from jsonschema import Draft202012Validator
 from pydantic import ValidationError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from .config import DeploymentConfig
-from .errors import ConfigError
+from .config import DeploymentConfig, OperatorConfig
+from .errors import ConfigError, RunnerError
 from .loader import is_file_implementation, split_implementation
 from .schema import deployment_json_schema
 
@@ -302,6 +302,10 @@ def _model_problems(
             ctx = error.get("ctx") or {}
             if only_model_checks and "requirement" not in ctx:
                 continue
+            if error["type"] == "missing_key":  # reported where the key should be, as JSON Schema's are
+                loc = doc.present(tuple(error["loc"]))
+                problems.append(_Problem(doc.line(loc), loc, ctx["requirement"]))
+                continue
             loc = doc.present(tuple(error["loc"]))
             expected = ctx.get("requirement")
             if not expected:
@@ -320,6 +324,28 @@ def _value_problem(doc: _YamlDocument, loc: Loc, expected: str) -> _Problem:
     return _Problem(doc.line(loc), loc or None, message)
 
 
+def _triton_problems(root: Path, index: int, op: OperatorConfig, doc: _YamlDocument) -> list[_Problem]:
+    assert op.repository is not None
+    loc: Loc = ("operators", index, "repository")
+    repository = (root / op.repository).resolve()
+    if not repository.is_dir():
+        return [_Problem(doc.line(loc), loc, f"cannot find Triton model repository {repository}")]
+    model = op.model or op.name
+    loc = ("operators", index, "model" if op.model else "name")
+    if not (repository / model / "config.pbtxt").is_file():
+        message = f"no model '{model}' in Triton model repository {repository} (no {model}/config.pbtxt)"
+        return [_Problem(doc.line(loc), loc, message)]
+    if op.config_overrides:
+        from .triton.model_config import parse_overrides  # imports grpc: only when needed
+
+        try:
+            parse_overrides(op.config_overrides)
+        except RunnerError as exc:
+            loc = ("operators", index, "config_overrides")
+            return [_Problem(doc.line(loc), loc, f"must be a Triton model config: {exc}")]
+    return []
+
+
 def _implementation_problems(config: DeploymentConfig, doc: _YamlDocument) -> list[_Problem]:
     root = config.root
     if not root.is_dir():
@@ -327,8 +353,13 @@ def _implementation_problems(config: DeploymentConfig, doc: _YamlDocument) -> li
         return [_Problem(doc.line(loc), loc, f"cannot find directory {root}")]
     problems = []
     described = _schema_at(("operators", 0, "implementation")) or {}
-    forms = str(described.get("description", "'package.module:Class' or 'path/to/file.py'")).rstrip(".")
+    forms = str(described.get("description", "'package.module:Class' or 'path/to/file.py'"))
+    forms = forms.removeprefix("kind python: ").rstrip(".")
     for index, op in enumerate(config.operators):
+        if op.kind == "triton":
+            problems += _triton_problems(root, index, op, doc)
+            continue
+        assert op.implementation is not None
         loc = ("operators", index, "implementation")
         target, class_name = split_implementation(op.implementation)
         if ":" in op.implementation and not class_name.isidentifier():

@@ -387,7 +387,10 @@ def _report(event: str, **fields: Any) -> None:
 async def run_worker(spec: WorkerSpec) -> None:
     """Load the operator, connect, serve until told to stop."""
     op = spec.operator
-    operator_cls = load_operator_class(op.implementation, Path(spec.root))
+    operator_cls = None
+    if op.kind == "python":
+        assert op.implementation is not None
+        operator_cls = load_operator_class(op.implementation, Path(spec.root))
     plane = await RequestPlane.connect(
         spec.nats_url, name=f"{spec.deployment}.{spec.worker_id}", options=spec.nats
     )
@@ -402,7 +405,12 @@ async def run_worker(spec: WorkerSpec) -> None:
         parameters=dict(op.parameters),
         logger=logging.getLogger(f"operator.{op.name}"),
     )
-    operator = operator_cls(context)
+    if operator_cls is not None:
+        operator = operator_cls(context)
+    else:
+        from .triton.operator import create_triton_operator  # tritonclient only where needed
+
+        operator = create_triton_operator(context, op, Path(spec.root))
     await operator.setup()
     worker = Worker(spec, operator, plane, data_plane)
     try:

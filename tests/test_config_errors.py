@@ -140,12 +140,53 @@ def test_log_level_in_the_wrong_case(deployment: WriteDeployment) -> None:
     ]
 
 
-def test_kind_triton_is_reserved(deployment: WriteDeployment) -> None:
+def test_a_triton_operator_needs_a_repository_and_no_implementation(deployment: WriteDeployment) -> None:
     path = deployment(HEADER + "    kind: triton\n")
     assert problems_of(path) == [
-        "hello_world.yaml:5: operators[0].kind: must be 'python' "
-        "('triton' is reserved and not available in this version), got \"triton\""
+        "hello_world.yaml:3: operators[0]: missing required key 'repository' (kind 'triton' needs it)",
+        "hello_world.yaml:4: operators[0].implementation: must not be set for kind 'triton' "
+        "(it belongs to kind 'python'), got \"ops.encoder:Encoder\"",
     ]
+
+
+def test_triton_keys_on_a_python_operator(deployment: WriteDeployment) -> None:
+    path = deployment(HEADER + "    repository: models\n")
+    assert problems_of(path) == [
+        "hello_world.yaml:5: operators[0].repository: must not be set for kind 'python' "
+        "(it belongs to kind 'triton'), got \"models\""
+    ]
+
+
+TRITON = """\
+name: hello_world
+operators:
+  - name: encoder
+    kind: triton
+    repository: models
+"""
+
+
+def test_a_missing_triton_repository_or_model(deployment: WriteDeployment, tmp_path: Path) -> None:
+    path = deployment(TRITON)
+    assert problems_of(path) == [
+        f"hello_world.yaml:5: operators[0].repository: cannot find Triton model repository {tmp_path.resolve() / 'models'}"
+    ]
+    (tmp_path / "models" / "other").mkdir(parents=True)
+    assert problems_of(path) == [
+        f"hello_world.yaml:3: operators[0].name: no model 'encoder' in Triton model repository "
+        f"{tmp_path.resolve() / 'models'} (no encoder/config.pbtxt)"
+    ]
+
+
+def test_triton_config_overrides_must_be_model_config_fields(deployment: WriteDeployment, tmp_path: Path) -> None:
+    (tmp_path / "models" / "encoder").mkdir(parents=True)
+    (tmp_path / "models" / "encoder" / "config.pbtxt").write_text('backend: "python"\n')
+    path = deployment(TRITON + "    config_overrides:\n      instance_groups: [{count: 2}]\n")
+    [problem] = problems_of(path)
+    assert problem.startswith("hello_world.yaml:6: operators[0].config_overrides: must be a Triton model config:")
+    assert "instance_groups" in problem
+    deployment(TRITON + "    config_overrides:\n      instance_group: [{count: 2, kind: KIND_CPU}]\n")
+    assert load_deployment(FILE).operators[0].config_overrides == {"instance_group": [{"count": 2, "kind": "KIND_CPU"}]}
 
 
 def test_duplicate_operator_name_points_at_the_second_use(deployment: WriteDeployment) -> None:
@@ -193,7 +234,7 @@ def test_unknown_key_without_a_near_miss_lists_the_allowed_keys(deployment: Writ
 def test_missing_implementation_is_reported_at_the_operator(deployment: WriteDeployment) -> None:
     path = deployment(HEADER + "  - name: decoder\n    workers: 2\n")
     assert problems_of(path) == [
-        "hello_world.yaml:5: operators[1]: missing required key 'implementation'"
+        "hello_world.yaml:5: operators[1]: missing required key 'implementation' (kind 'python' needs it)"
     ]
 
 
@@ -337,10 +378,11 @@ def test_all_problems_are_reported_together_sorted_by_line(deployment: WriteDepl
         "hello_world.yaml:1: name: must be 1 to 64 letters, digits, '_' or '-', starting with a letter "
         'or digit (used in NATS subjects), got "hello world"',
         "hello_world.yaml:3: request_plane.request_timeout_s: must be a number > 0, got 0",
-        "hello_world.yaml:7: operators[0].kind: must be 'python' "
-        "('triton' is reserved and not available in this version), got \"triton\"",
+        "hello_world.yaml:5: operators[0]: missing required key 'repository' (kind 'triton' needs it)",
+        "hello_world.yaml:6: operators[0].implementation: must not be set for kind 'triton' "
+        "(it belongs to kind 'python'), got \"ops.encoder:Encoder\"",
         "hello_world.yaml:8: operators[0]: unknown key 'wokers' (did you mean 'workers'?)",
-        "hello_world.yaml:9: operators[1]: missing required key 'implementation'",
+        "hello_world.yaml:9: operators[1]: missing required key 'implementation' (kind 'python' needs it)",
         'hello_world.yaml:9: operators[1].name: must be unique among operators '
         '(operators[0] has the same name), got "encoder"',
         'hello_world.yaml:10: operators[1].workers: must be an integer >= 1, got "two"',

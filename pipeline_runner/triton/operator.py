@@ -1,0 +1,160 @@
+"""``kind: triton`` operators: a Triton model served by a Triton server the worker owns."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+from tritonclient.grpc import model_config_pb2
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
+
+from ..config import OperatorConfig
+from ..errors import BadInputError, OperatorError, RunnerError
+from ..operator import Operator, OperatorContext, Request
+from .environment import setup_triton
+from .model_config import merged_model_config, read_model_config, to_json
+from .server import TritonServer
+
+log = logging.getLogger(__name__)
+
+
+def _tensor_types(specs: Any) -> dict[str, str]:
+    """name -> Triton datatype ('INT32', 'FP32', ...) of a config's inputs or outputs."""
+    return {spec.name: model_config_pb2.DataType.Name(spec.data_type).removeprefix("TYPE_") for spec in specs}
+
+
+def _triton_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
+    """Request parameters as Triton takes them: bool, int, float and str (others as JSON text)."""
+    return {
+        key: value if isinstance(value, bool | int | float | str) else json.dumps(value)
+        for key, value in parameters.items()
+    }
+
+
+class TritonOperator(Operator):
+    """Forwards each request to a model on the worker's own Triton server.
+
+    Inputs and outputs are matched by name and dtype with the model's config; a decoupled
+    model's responses stream back as the request's responses.
+    """
+
+    def __init__(self, context: OperatorContext, config: OperatorConfig, root: Path):
+        super().__init__(context)
+        assert config.repository is not None
+        self.config = config
+        self.repository = (root / config.repository).resolve()
+        self.model = config.model or config.name
+        self.model_version = str(config.model_version or "")
+        self.server: TritonServer | None = None
+        self.inputs: dict[str, str] = {}
+        self.outputs: dict[str, str] = {}
+        self.decoupled = False
+
+    async def setup(self) -> None:
+        installation = await asyncio.to_thread(setup_triton, progress=log.info)
+        config_file = self.repository / self.model / "config.pbtxt"
+        override = None
+        if self.config.config_overrides:
+            override = to_json(merged_model_config(config_file, self.config.config_overrides))
+        self.server = TritonServer(installation, self.repository)
+        await self.server.start()
+        try:
+            await self.server.load_model(self.model, override)
+            assert self.server.client is not None
+            loaded = await self.server.client.get_model_config(self.model, self.model_version)
+        except BaseException:
+            await self.server.stop()
+            raise
+        model_config = loaded.config
+        self.inputs = _tensor_types(model_config.input)
+        self.outputs = _tensor_types(model_config.output)
+        self.decoupled = model_config.model_transaction_policy.decoupled
+        log.info("serving Triton model %s (inputs %s, outputs %s%s)", self.model, self.inputs,
+                 self.outputs, ", decoupled" if self.decoupled else "")
+
+    async def teardown(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+
+    async def execute(self, requests: list[Request]) -> None:
+        for request in requests:
+            inputs = [await self._input(request, name, datatype) for name, datatype in self.inputs.items()]
+            outputs = [grpcclient.InferRequestedOutput(name) for name in self.outputs]
+            parameters = _triton_parameters(request.parameters)
+            try:
+                if self.decoupled:
+                    await self._stream(request, inputs, outputs, parameters)
+                else:
+                    result = await self._client.infer(
+                        self.model, inputs, self.model_version, outputs=outputs, parameters=parameters or None,
+                        client_timeout=max(request.time_left(), 0.001),
+                    )  # fmt: skip
+                    await request.respond(self._arrays(result))
+            except InferenceServerException as exc:
+                raise OperatorError(self.context.operator, "operator_failed", f"Triton: {exc.message()}") from None
+
+    @property
+    def _client(self) -> grpcclient.InferenceServerClient:
+        if self.server is None or self.server.client is None:
+            raise RunnerError("the Triton server is not running")
+        return self.server.client
+
+    async def _input(self, request: Request, name: str, datatype: str) -> grpcclient.InferInput:
+        if name not in request.inputs:
+            raise BadInputError(f"missing input {name!r} (model {self.model!r} takes {', '.join(self.inputs)})")
+        array = np.ascontiguousarray(await request.array(name))
+        expected = triton_to_np_dtype(datatype)
+        if array.dtype != expected and datatype != "BYTES":
+            raise BadInputError(f"input {name!r} must be {np.dtype(expected)} ({datatype}), got {array.dtype}")
+        tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        return tensor
+
+    def _arrays(self, result: Any) -> dict[str, np.ndarray]:
+        arrays = {}
+        for name in self.outputs:
+            array = result.as_numpy(name)
+            if array is not None:
+                arrays[name] = array
+        return arrays
+
+    async def _stream(self, request: Request, inputs: list[Any], outputs: list[Any], parameters: dict[str, Any]) -> None:
+        async def one_request() -> AsyncIterator[dict[str, Any]]:
+            yield {
+                "model_name": self.model, "model_version": self.model_version, "inputs": inputs,
+                "outputs": outputs, "parameters": parameters or None, "enable_empty_final_response": True,
+            }  # fmt: skip
+
+        # Each response is held back until the next arrives, so that the last one with data
+        # goes out as the final response (Triton ends a stream with an empty final one).
+        pending: dict[str, np.ndarray] | None = None
+        stream = self._client.stream_infer(one_request(), stream_timeout=max(request.time_left(), 0.001))
+        async for result, error in stream:
+            if error is not None:
+                raise error
+            response = result.get_response()
+            if response.outputs:
+                if pending is not None:
+                    await request.respond(pending, final=False)
+                pending = self._arrays(result)
+            if response.parameters["triton_final_response"].bool_param:
+                break
+        await request.respond(pending or {}, final=True)
+
+
+def create_triton_operator(context: OperatorContext, config: OperatorConfig, root: Path) -> TritonOperator:
+    """The operator a worker runs for ``kind: triton``; checks the repository first."""
+    assert config.repository is not None
+    repository = (root / config.repository).resolve()
+    model = config.model or config.name
+    if not (repository / model).is_dir():
+        raise RunnerError(f"operator {config.name!r}: no model {model!r} in Triton model repository {repository}")
+    if config.config_overrides:
+        read_model_config(repository / model / "config.pbtxt")  # a clear error before Triton starts
+    return TritonOperator(context, config, root)
