@@ -179,3 +179,7 @@ class Operator(ABC):
 
     async def teardown(self) -> None:
         """Called once when the worker stops, after in-flight requests finished."""
+
+    def stats(self) -> dict[str, Any]:
+        """Operator-specific counters or facts, reported with the worker's (``runner status``)."""
+        return {}

@@ -162,6 +162,7 @@ class Worker:
             "redelivered": self.redelivered,
             "unfinished": self._unfinished,
             "data_plane": self.data_plane.stats(),
+            "operator_stats": self.operator.stats(),
         }
 
     async def _on_stats(self, msg: Msg) -> None:

@@ -55,6 +55,8 @@ class TritonOperator(Operator):
         self.inputs: dict[str, str] = {}
         self.outputs: dict[str, str] = {}
         self.decoupled = False
+        self.instance_groups: list[dict[str, Any]] = []
+        self.model_parameters: dict[str, str] = {}
 
     async def setup(self) -> None:
         installation = await asyncio.to_thread(setup_triton, progress=log.info)
@@ -72,11 +74,26 @@ class TritonOperator(Operator):
             await self.server.stop()
             raise
         model_config = loaded.config
+        self.instance_groups = [
+            {"count": group.count, "kind": model_config_pb2.ModelInstanceGroup.Kind.Name(group.kind)}
+            for group in model_config.instance_group
+        ]
+        self.model_parameters = {key: value.string_value for key, value in model_config.parameters.items()}
         self.inputs = _tensor_types(model_config.input)
         self.outputs = _tensor_types(model_config.output)
         self.decoupled = model_config.model_transaction_policy.decoupled
         log.info("serving Triton model %s (inputs %s, outputs %s%s)", self.model, self.inputs,
                  self.outputs, ", decoupled" if self.decoupled else "")
+
+    def stats(self) -> dict[str, Any]:
+        """What the worker's Triton server reports for the loaded model."""
+        return {
+            "triton_url": self.server.url if self.server else None,
+            "model": self.model,
+            "instance_group": self.instance_groups,
+            "parameters": self.model_parameters,
+            "decoupled": self.decoupled,
+        }
 
     async def teardown(self) -> None:
         if self.server is not None:

@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import tritonclient.grpc.aio as grpcclient
@@ -48,6 +49,10 @@ class TritonServer:
         self.http_port = 0
         self._proc: asyncio.subprocess.Process | None = None
         self.client: grpcclient.InferenceServerClient | None = None
+        # Triton's recent log lines: its load API answers some failures (a config.pbtxt it
+        # cannot parse) with a generic message, and the cause is only in its log.
+        self._log: deque[str] = deque(maxlen=200)
+        self._log_reader: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
@@ -70,10 +75,11 @@ class TritonServer:
         self._proc = await asyncio.create_subprocess_exec(
             *args,
             env=self.installation.env,
-            stdout=sys.stderr,  # Triton's log joins the worker's log
-            stderr=sys.stderr,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
             preexec_fn=_die_with_parent,
         )
+        self._log_reader = asyncio.create_task(self._relay_log(self._proc.stdout))
         self.client = grpcclient.InferenceServerClient(self.url)
         while True:
             if self._proc.returncode is not None:
@@ -94,13 +100,27 @@ class TritonServer:
     async def load_model(self, name: str, config_json: str | None = None) -> None:
         """Load ``name`` (with ``config_json`` replacing its config.pbtxt, if given).
 
-        A model Triton cannot load raises RunnerError quoting Triton's message.
+        A model Triton cannot load raises RunnerError quoting Triton's message, and the error
+        lines Triton logged meanwhile.
         """
         assert self.client is not None
+        self._log.clear()
         try:
             await self.client.load_model(name, config=config_json)
         except InferenceServerException as exc:
-            raise RunnerError(f"Triton could not load model {name!r}: {exc.message()}") from None
+            await asyncio.sleep(0.1)  # let the log reader catch up
+            logged = [line for line in self._log if line.startswith("E") or " ERROR " in line]
+            detail = f" (Triton's log: {' | '.join(logged)})" if logged else ""
+            raise RunnerError(f"Triton could not load model {name!r}: {exc.message().strip()}{detail}") from None
+
+    async def _relay_log(self, stream: asyncio.StreamReader | None) -> None:
+        """Copy Triton's output into the worker's log, keeping the recent lines."""
+        if stream is None:
+            return
+        while line := await stream.readline():
+            text = line.decode(errors="replace").rstrip()
+            self._log.append(text)
+            print(f"[tritonserver] {text}", file=sys.stderr, flush=True)
 
     async def stop(self, grace_s: float = 10.0) -> None:
         if self.client is not None:
@@ -118,3 +138,7 @@ class TritonServer:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
+        if self._log_reader is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._log_reader, timeout=2.0)
+            self._log_reader = None
