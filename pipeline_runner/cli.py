@@ -1,4 +1,4 @@
-"""The ``runner`` command line: deploy, client, validate, schema, status."""
+"""The ``runner`` command line: deploy, client, validate, schema, status, triton."""
 
 from __future__ import annotations
 
@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="list deployments running on this machine")
     p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("triton", help="manage the Triton Inference Server used by Triton operators")
+    triton = p.add_subparsers(dest="triton_command", required=True, metavar="COMMAND")
+    p = triton.add_parser("setup", help="install Triton and its model environment (once; cached)")
+    p.add_argument("--home", type=Path, metavar="DIR", help="install here (default: $PIPELINE_RUNNER_TRITON_HOME or ~/.cache/pipeline_runner/triton)")
+    p.set_defaults(func=_cmd_triton_setup)
     return parser
 
 
@@ -142,6 +148,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
         Console(width=max(Console().width, 100)).print(table)
         if len(stats) < alive:
             print(f"({alive - len(stats)} workers did not answer within 2 s)")
+    return 0
+
+
+def _cmd_triton_setup(args: argparse.Namespace) -> int:
+    from .triton.environment import setup_triton
+
+    installation = setup_triton(args.home, progress=lambda message: print(message, flush=True))
+    print(f"tritonserver: {installation.server}")
+    print(f"backends:     {installation.backend_dir}")
+    if installation.model_python is not None:
+        print(f"model python: {installation.model_python}")
+    print(f"source:       {installation.source}")
     return 0
 
 

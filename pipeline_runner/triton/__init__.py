@@ -1,0 +1,1 @@
+"""Triton Inference Server support: finding or installing the server and its model environment."""
