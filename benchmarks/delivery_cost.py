@@ -1,6 +1,6 @@
 """Cost of the delivery guarantee on hello_world, side by side in one run.
 
-Two copies of deployments/hello_world.yaml run on one embedded nats-server: one as shipped
+Two copies of deployments/hello_world_python.yaml run on one embedded nats-server: one as shipped
 (every operator ``delivery.mode: at_least_once``: JetStream work queues, ack after the final
 response) and one with every operator switched to ``at_most_once`` (core request/reply). The
 load test alternates between them, ``--rounds`` times per concurrency, and reports the
@@ -54,7 +54,7 @@ async def main() -> None:
     os.environ.setdefault("PIPELINE_RUNNER_STATE_DIR", tempfile.mkdtemp(prefix="pr-bench-"))
     server = NatsServer(Path(os.environ["PIPELINE_RUNNER_STATE_DIR"]) / "nats")
     url = await server.start()
-    base = load_deployment(REPO / "deployments" / "hello_world.yaml")
+    base = load_deployment(REPO / "deployments" / "hello_world_python.yaml")
     deployments = {mode: Deployment(variant(base, mode), nats_url=url) for mode in MODES}
     rows: list[dict[str, Any]] = []
     try:

@@ -98,7 +98,7 @@ async def bench_round_trip(nats_url: str, requests: int, size_bytes: int) -> lis
 
 
 async def bench_hello_world(requests: int, size_elements: int) -> list[dict[str, Any]]:
-    config = load_deployment(REPO / "deployments" / "hello_world.yaml")
+    config = load_deployment(REPO / "deployments" / "hello_world_python.yaml")
     deployment = Deployment(config)
     await deployment.start()
     rows = []

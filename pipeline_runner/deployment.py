@@ -201,6 +201,13 @@ class Deployment:
                 )
                 self.nats_url = await self._nats.start()
                 log.info("embedded nats-server listening on %s", self.nats_url)
+            if any(op.kind == "triton" for op in self.config.operators):
+                # Once, here, with progress on the console, rather than inside a worker's start
+                # timeout; the workers then find it ready.
+                from .triton.environment import setup_triton
+
+                installation = await asyncio.to_thread(setup_triton, progress=log.info)
+                log.info("Triton: %s", installation.source)
             self._workers = [
                 self._make_worker(op, index)
                 for op in self.config.operators

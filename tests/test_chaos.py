@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 async def test_5000_requests_while_a_worker_is_killed_every_second_all_end_correct_once() -> None:
-    config = load_deployment(REPO_ROOT / "deployments" / "hello_world.yaml")
+    config = load_deployment(REPO_ROOT / "deployments" / "hello_world_python.yaml")
     async with running(config) as deployment, connected(deployment, timeout_s=60) as conn:
         victims = [w for w in deployment.workers if w.spec.operator.name in ("encoder", "decoder")]
         rng = random.Random(5)

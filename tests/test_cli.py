@@ -19,7 +19,8 @@ from pipeline_runner.state import DeploymentState, is_running, state_file
 from .conftest import REPO_ROOT
 
 RUNNER = [sys.executable, "-m", "pipeline_runner.cli"]
-HELLO_WORLD = REPO_ROOT / "deployments" / "hello_world.yaml"
+HELLO_WORLD = REPO_ROOT / "deployments" / "hello_world.yaml"  # Triton encoder and decoder
+HELLO_WORLD_PYTHON = REPO_ROOT / "deployments" / "hello_world_python.yaml"
 
 
 def runner(*args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess[str]:
@@ -75,9 +76,9 @@ def test_deploy_then_client_gets_every_response_right() -> None:
 
 
 def test_client_can_be_pointed_at_the_nats_url_explicitly() -> None:
-    with deployed() as (proc, state):
+    with deployed(HELLO_WORLD_PYTHON, "hello_world_python") as (proc, state):
         result = runner(
-            "client", "--nats", state.nats_url, "--deployment", "hello_world",
+            "client", "--nats", state.nats_url, "--deployment", "hello_world_python",
             "--requests", "20", "--size", "10", "--dtype", "float64", "--param", "input_copies=5",
         )  # fmt: skip
         assert result.returncode == 0, result.stderr + result.stdout

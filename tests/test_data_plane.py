@@ -68,7 +68,7 @@ async def test_hello_world_above_the_threshold_lets_the_decoder_fetch_from_the_e
 
     from .conftest import REPO_ROOT
 
-    config = load_deployment(REPO_ROOT / "deployments" / "hello_world.yaml")
+    config = load_deployment(REPO_ROOT / "deployments" / "hello_world_python.yaml")
     async with running(config, nats_url) as deployment, connected(deployment) as conn:
         size = 4 * config.data_plane.inline_threshold_bytes  # int32: 16x the threshold in bytes
         result = await run_load_test(

@@ -21,7 +21,7 @@ def triton(name: str, **fields: object) -> dict[str, object]:
 
 
 async def test_hello_world_on_triton_answers_100_of_100() -> None:
-    config = load_deployment(REPO_ROOT / "deployments" / "hello_world_triton.yaml")
+    config = load_deployment(REPO_ROOT / "deployments" / "hello_world.yaml")
     async with running(config) as deployment, connected(deployment, timeout_s=60) as conn:
         result = await run_load_test(
             conn.operator("encoder_decoder"), requests=100, concurrency=8, inputs=make_inputs(1024, "int32", 16)
