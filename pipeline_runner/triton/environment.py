@@ -186,7 +186,7 @@ def _install(home: Path, progress: Callable[[str], None]) -> None:
     progress(f"creating the Triton model environment in {venv}")
     _run([sys.executable, "-m", "venv", str(venv)], "creating the model environment", VENV_TIMEOUT_S)
     python = venv / "bin" / "python"
-    progress(f"installing nvidia-pytriton {PYTRITON_VERSION} (about 60 MB, once)...")
+    progress(f"installing nvidia-pytriton {PYTRITON_VERSION} (about 370 MB on disk, once)...")
     _run(
         [str(python), "-m", "pip", "install", "--no-input", "--disable-pip-version-check",
          f"nvidia-pytriton=={PYTRITON_VERSION}"],
