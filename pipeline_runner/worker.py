@@ -39,7 +39,6 @@ from .request_plane import (
     queue_group,
     stats_subject,
 )
-from .work_queue import WorkQueueConsumer, WorkQueueSettings, remove_work_queue, stream_name
 from .tensor import (
     TensorLike,
     TensorScope,
@@ -48,6 +47,7 @@ from .tensor import (
     decode_tensors,
     encode_tensors,
 )
+from .work_queue import WorkQueueConsumer, WorkQueueSettings, remove_work_queue, stream_name
 
 STATUS_FD_ENV = "PIPELINE_RUNNER_STATUS_FD"
 log = logging.getLogger("pipeline_runner.worker")

@@ -26,7 +26,7 @@ async def _wait_until(predicate, timeout_s: float = 20.0) -> None:
 
 
 async def test_hello_world_returns_the_input_through_encoder_and_decoder() -> None:
-    config = load_deployment(REPO_ROOT / "deployments" / "hello_world.yaml")
+    config = load_deployment(REPO_ROOT / "deployments" / "hello_world_python.yaml")
     async with running(config) as deployment, connected(deployment) as conn:
         pipeline = conn.operator("encoder_decoder")
         for dtype in ("int8", "uint16", "int32", "int64", "float32", "float64", "bool"):
@@ -40,7 +40,7 @@ async def test_hello_world_returns_the_input_through_encoder_and_decoder() -> No
 
 
 async def test_hello_world_answers_bad_input_with_an_error_not_a_crash() -> None:
-    config = load_deployment(REPO_ROOT / "deployments" / "hello_world.yaml")
+    config = load_deployment(REPO_ROOT / "deployments" / "hello_world_python.yaml")
     async with running(config) as deployment, connected(deployment) as conn:
         pipeline = conn.operator("encoder_decoder")
         with pytest.raises(OperatorError) as missing:

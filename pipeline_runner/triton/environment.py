@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import RunnerError
-from ..nats_server import _die_with_parent
+from ..process import die_with_parent
 
 PYTRITON_VERSION = "0.7.0"
 HOME_ENV = "PIPELINE_RUNNER_TRITON_HOME"
@@ -254,7 +254,7 @@ def _run(cmd: list[str], what: str, timeout_s: float, env: dict[str, str] | None
         # If this process is killed, pip must not go on writing into a home the next setup rebuilds.
         result = subprocess.run(
             cmd, capture_output=True, text=True, timeout=timeout_s, env=env, stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )  # fmt: skip
     except subprocess.TimeoutExpired as exc:
         raise RunnerError(f"{what} took longer than {timeout_s:.0f} s{_tail(exc.stdout, exc.stderr)}") from None

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
-import signal
 import socket
 import sys
 import time
@@ -22,6 +20,7 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from ..errors import RunnerError
+from ..process import die_with_parent
 from .environment import TritonInstallation
 
 log = logging.getLogger(__name__)
@@ -31,11 +30,6 @@ def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class TritonServer:
@@ -78,7 +72,7 @@ class TritonServer:
             env=self.installation.env,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self._log_reader = asyncio.create_task(self._relay_log(self._proc.stdout))
         self.client = grpcclient.InferenceServerClient(self.url)
