@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -56,6 +58,22 @@ async def test_config_overrides_reach_tritons_model_config(nats_url: str) -> Non
         a, b = np.array([1, 2], np.float32), np.array([10, 20], np.float32)
         response = await conn.operator("add").infer({"a": a, "b": b})
         np.testing.assert_array_equal(await response.array("sum"), (a + b) * 3)
+
+
+async def test_large_inputs_reach_triton_through_shared_memory_that_outlives_no_process(nats_url: str) -> None:
+    config = make_config(triton("add"))
+    async with running(config, nats_url) as deployment, connected(deployment, timeout_s=60) as conn:
+        rng = np.random.default_rng(5)
+        for size in (1 << 18, 1 << 20, 3 << 20):  # 1, 4 and 12 MiB per input
+            a, b = rng.standard_normal(size).astype(np.float32), rng.standard_normal(size).astype(np.float32)
+            response = await conn.operator("add").infer({"a": a, "b": b})
+            np.testing.assert_array_equal(await response.array("sum"), a + b)
+            response.release()
+        [stats] = await conn.worker_stats(expected=1)
+        assert stats["operator_stats"]["shared_memory_regions"] >= 2
+        worker_pid = deployment.workers[0].pid
+        # Region names are unlinked once Triton maps them: nothing of ours lingers in /dev/shm.
+        assert not [p for p in Path("/dev/shm").iterdir() if p.name.startswith(f"pr{worker_pid}_")]
 
 
 async def test_a_decoupled_model_streams_its_responses(nats_url: str) -> None:

@@ -20,6 +20,7 @@ from ..operator import Operator, OperatorContext, Request
 from .environment import setup_triton
 from .model_config import merged_model_config, read_model_config, to_json
 from .server import TritonServer
+from .shared_memory import SHM_THRESHOLD_BYTES, Region, SharedMemoryPool
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class TritonOperator(Operator):
         self.model = config.model or config.name
         self.model_version = str(config.model_version or "")
         self.server: TritonServer | None = None
+        self.shared_memory: SharedMemoryPool | None = None
         self.inputs: dict[str, str] = {}
         self.outputs: dict[str, str] = {}
         self.decoupled = False
@@ -73,6 +75,8 @@ class TritonOperator(Operator):
         except BaseException:
             await self.server.stop()
             raise
+        assert self.server.client is not None
+        self.shared_memory = SharedMemoryPool(self.server.client)
         model_config = loaded.config
         self.instance_groups = [
             {"count": group.count, "kind": model_config_pb2.ModelInstanceGroup.Kind.Name(group.kind)}
@@ -93,28 +97,43 @@ class TritonOperator(Operator):
             "instance_group": self.instance_groups,
             "parameters": self.model_parameters,
             "decoupled": self.decoupled,
+            "shared_memory_regions": self.shared_memory.regions if self.shared_memory else 0,
         }
 
     async def teardown(self) -> None:
+        if self.shared_memory is not None:
+            await self.shared_memory.close()
         if self.server is not None:
             await self.server.stop()
 
     async def execute(self, requests: list[Request]) -> None:
         for request in requests:
-            inputs = [await self._input(request, name, datatype) for name, datatype in self.inputs.items()]
-            outputs = [grpcclient.InferRequestedOutput(name) for name in self.outputs]
-            parameters = _triton_parameters(request.parameters)
+            regions: list[Region] = []
+            finished = False
             try:
-                if self.decoupled:
-                    await self._stream(request, inputs, outputs, parameters)
-                else:
-                    result = await self._client.infer(
-                        self.model, inputs, self.model_version, outputs=outputs, parameters=parameters or None,
-                        client_timeout=max(request.time_left(), 0.001),
-                    )  # fmt: skip
-                    await request.respond(self._arrays(result))
-            except InferenceServerException as exc:
-                raise OperatorError(self.context.operator, "operator_failed", f"Triton: {exc.message()}") from None
+                inputs = [await self._input(request, name, dtype, regions) for name, dtype in self.inputs.items()]
+                await self._infer(request, inputs)
+                finished = True
+            finally:
+                for region in regions:
+                    assert self.shared_memory is not None
+                    # After a cancelled call Triton may still be reading: never reuse that region.
+                    await self.shared_memory.release(region, reuse=finished)
+
+    async def _infer(self, request: Request, inputs: list[grpcclient.InferInput]) -> None:
+        outputs = [grpcclient.InferRequestedOutput(name) for name in self.outputs]
+        parameters = _triton_parameters(request.parameters)
+        try:
+            if self.decoupled:
+                await self._stream(request, inputs, outputs, parameters)
+            else:
+                result = await self._client.infer(
+                    self.model, inputs, self.model_version, outputs=outputs, parameters=parameters or None,
+                    client_timeout=max(request.time_left(), 0.001),
+                )  # fmt: skip
+                await request.respond(self._arrays(result))
+        except InferenceServerException as exc:
+            raise OperatorError(self.context.operator, "operator_failed", f"Triton: {exc.message()}") from None
 
     @property
     def _client(self) -> grpcclient.InferenceServerClient:
@@ -122,7 +141,9 @@ class TritonOperator(Operator):
             raise RunnerError("the Triton server is not running")
         return self.server.client
 
-    async def _input(self, request: Request, name: str, datatype: str) -> grpcclient.InferInput:
+    async def _input(
+        self, request: Request, name: str, datatype: str, regions: list[Region]
+    ) -> grpcclient.InferInput:
         if name not in request.inputs:
             raise BadInputError(f"missing input {name!r} (model {self.model!r} takes {', '.join(self.inputs)})")
         array = np.ascontiguousarray(await request.array(name))
@@ -130,7 +151,13 @@ class TritonOperator(Operator):
         if array.dtype != expected and datatype != "BYTES":
             raise BadInputError(f"input {name!r} must be {np.dtype(expected)} ({datatype}), got {array.dtype}")
         tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-        tensor.set_data_from_numpy(array)
+        if array.nbytes >= SHM_THRESHOLD_BYTES and datatype != "BYTES" and self.shared_memory is not None:
+            region = await self.shared_memory.acquire(array.nbytes)
+            regions.append(region)
+            region.write(array)
+            tensor.set_shared_memory(region.name, array.nbytes)
+        else:
+            tensor.set_data_from_numpy(array)
         return tensor
 
     def _arrays(self, result: Any) -> dict[str, np.ndarray]:
