@@ -62,6 +62,15 @@ def _names_reply_address(payload: bytes) -> bool:
     return isinstance(header, dict) and isinstance(header.get("reply_to"), str)
 
 
+async def _send_fuzz(nc, inbox: str) -> list[bytes]:  # type: ignore[no-untyped-def]
+    """Publish the 200 fuzzed messages on echo's subject with ``inbox`` as their reply address."""
+    messages = await _fuzz_messages(random.Random(7), inbox)
+    assert len(messages) == 200
+    for payload in messages:
+        await nc.publish(operator_subject("test", "echo", 1), payload, reply=inbox)
+    return messages
+
+
 async def test_200_fuzzed_messages_on_a_plain_subject_each_get_an_error_and_the_worker_keeps_serving(
     nats_url: str,
 ) -> None:
@@ -71,11 +80,7 @@ async def test_200_fuzzed_messages_on_a_plain_subject_each_get_an_error_and_the_
         inbox = nc.new_inbox()
         replies: asyncio.Queue = asyncio.Queue()
         sub = await nc.subscribe(inbox, cb=replies.put)
-        messages = await _fuzz_messages(random.Random(7), inbox)
-        assert len(messages) == 200
-        subject = operator_subject("test", "echo", 1)
-        for payload in messages:
-            await nc.publish(subject, payload, reply=inbox)
+        messages = await _send_fuzz(nc, inbox)
         codes = []
         for _ in messages:
             msg = await asyncio.wait_for(replies.get(), timeout=10)
@@ -101,12 +106,9 @@ async def test_200_fuzzed_messages_in_a_work_queue_are_answered_where_they_name_
         inbox = nc.new_inbox()
         replies: asyncio.Queue = asyncio.Queue()
         sub = await nc.subscribe(inbox, cb=replies.put)
-        messages = await _fuzz_messages(random.Random(7), inbox)
+        messages = await _send_fuzz(nc, inbox)
         answerable = sum(_names_reply_address(m) for m in messages)
         assert 65 <= answerable < 200
-        subject = operator_subject("test", "echo", 1)
-        for payload in messages:
-            await nc.publish(subject, payload, reply=inbox)
         stored, codes = 0, []
         while stored < 200 or len(codes) < answerable:
             msg = await asyncio.wait_for(replies.get(), timeout=10)
