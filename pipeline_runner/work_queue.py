@@ -158,7 +158,7 @@ class WorkQueueConsumer:
         self._pulling = False
         self._reconnects = 0
         self._broken_since: float | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._ticker: asyncio.Task[None] | None = None
 
     @property
     def held(self) -> int:
@@ -173,7 +173,7 @@ class WorkQueueConsumer:
         self._pulling = True
         self._reconnects = self._nc.stats["reconnects"]
         await self._pull()
-        self._tasks = [asyncio.create_task(self._tick())]
+        self._ticker = asyncio.create_task(self._tick())
 
     async def refill(self) -> None:
         """Capacity was freed: top up the credit."""
@@ -197,10 +197,11 @@ class WorkQueueConsumer:
 
     async def stop(self) -> None:
         await self.stop_pulling()
-        for task in list(self._tasks):
-            task.cancel()
+        if self._ticker is not None:
+            self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await self._ticker
+            self._ticker = None
 
     async def _pull(self) -> None:
         """Ask for as many messages as there are free slots not yet covered by credit."""
