@@ -62,13 +62,16 @@ def _names_reply_address(payload: bytes) -> bool:
     return isinstance(header, dict) and isinstance(header.get("reply_to"), str)
 
 
-async def _send_fuzz(nc, inbox: str) -> list[bytes]:  # type: ignore[no-untyped-def]
-    """Publish the 200 fuzzed messages on echo's subject with ``inbox`` as their reply address."""
+async def _send_fuzz(nc):  # type: ignore[no-untyped-def]
+    """Publish the 200 fuzzed messages on echo's subject; what comes back lands in ``replies``."""
+    inbox = nc.new_inbox()
+    replies: asyncio.Queue = asyncio.Queue()
+    sub = await nc.subscribe(inbox, cb=replies.put)
     messages = await _fuzz_messages(random.Random(7), inbox)
     assert len(messages) == 200
     for payload in messages:
         await nc.publish(operator_subject("test", "echo", 1), payload, reply=inbox)
-    return messages
+    return messages, replies, sub
 
 
 async def test_200_fuzzed_messages_on_a_plain_subject_each_get_an_error_and_the_worker_keeps_serving(
@@ -77,10 +80,7 @@ async def test_200_fuzzed_messages_on_a_plain_subject_each_get_an_error_and_the_
     config = make_config(op("echo", "echo:Echo", delivery={"mode": "at_most_once"}))
     async with running(config, nats_url) as deployment, connected(deployment) as conn:
         nc = conn.plane.nats
-        inbox = nc.new_inbox()
-        replies: asyncio.Queue = asyncio.Queue()
-        sub = await nc.subscribe(inbox, cb=replies.put)
-        messages = await _send_fuzz(nc, inbox)
+        messages, replies, sub = await _send_fuzz(nc)
         codes = []
         for _ in messages:
             msg = await asyncio.wait_for(replies.get(), timeout=10)
@@ -103,10 +103,7 @@ async def test_200_fuzzed_messages_in_a_work_queue_are_answered_where_they_name_
     config = make_config(op("echo", "echo:Echo"))
     async with running(config, nats_url) as deployment, connected(deployment) as conn:
         nc = conn.plane.nats
-        inbox = nc.new_inbox()
-        replies: asyncio.Queue = asyncio.Queue()
-        sub = await nc.subscribe(inbox, cb=replies.put)
-        messages = await _send_fuzz(nc, inbox)
+        messages, replies, sub = await _send_fuzz(nc)
         answerable = sum(_names_reply_address(m) for m in messages)
         assert 65 <= answerable < 200
         stored, codes = 0, []
