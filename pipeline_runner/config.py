@@ -179,6 +179,30 @@ class DeliveryConfig(_Model):
         "memory",
         description="Where the work queue keeps waiting requests; 'file' survives a nats-server restart.",
     )
+    replicas: int = Field(
+        1,
+        ge=1,
+        le=5,
+        description=(
+            "Copies of the work queue kept by a NATS cluster (JetStream num_replicas); 3 keeps "
+            "waiting requests through the loss of one of three cluster members."
+        ),
+    )
+
+
+class ResourcesConfig(_Model):
+    """What one worker of an operator needs; ``runner k8s`` turns it into container requests."""
+
+    cpu: str | None = Field(
+        None,
+        pattern=r"^([0-9]+m|[0-9]+(\.[0-9]+)?)$",
+        description="CPU per worker, as Kubernetes writes it: '2', '0.5' or '500m'.",
+    )
+    memory: str | None = Field(
+        None,
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$",
+        description="Memory per worker, as Kubernetes writes it: '512Mi', '4Gi'.",
+    )
 
 
 class OperatorConfig(_Model):
@@ -238,6 +262,25 @@ class OperatorConfig(_Model):
     delivery: DeliveryConfig = Field(
         default_factory=DeliveryConfig,
         description="Delivery guarantee: redelivery when a worker dies (default) or at most once.",
+    )
+    device: Literal["cpu", "gpu", "auto"] = Field(
+        "cpu",
+        description=(
+            "Where the operator's arrays live: 'cpu' (NumPy), 'gpu' (CuPy; deploying fails where "
+            "no GPU is found) or 'auto' (a GPU when CuPy finds one, else the CPU)."
+        ),
+    )
+    gpus: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "device gpu/auto: the GPU indices (as CUDA numbers them on the host) the workers take "
+            "round-robin, one GPU per worker; default: every visible GPU."
+        ),
+    )
+    resources: ResourcesConfig = Field(
+        default_factory=ResourcesConfig,
+        description="CPU and memory per worker (Kubernetes requests); a GPU worker also asks for one GPU.",
     )
     log_level: LogLevel | None = Field(None, description="Overrides the deployment's log_level.")
 

@@ -54,6 +54,7 @@ class WorkQueueSettings:
     max_messages: int
     ack_wait_s: float
     storage: Literal["memory", "file"] = "memory"
+    replicas: int = 1
 
     def stream_config(self) -> api.StreamConfig:
         return api.StreamConfig(
@@ -65,6 +66,7 @@ class WorkQueueSettings:
             # A full queue refuses new requests (the caller's PubAck says so) rather than
             # dropping old ones: that is the operator's back-pressure.
             discard=api.DiscardPolicy.NEW,
+            num_replicas=self.replicas,
         )
 
     def consumer_config(self) -> api.ConsumerConfig:

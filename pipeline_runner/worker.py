@@ -107,6 +107,7 @@ class Worker:
                     max_messages=op.workers * (op.max_inflight_requests + op.max_queued_requests),
                     ack_wait_s=op.delivery.redeliver_after_s,
                     storage=op.delivery.storage,
+                    replicas=op.delivery.replicas,
                 ),
                 on_message=self._on_queued,
                 capacity=lambda: op.max_inflight_requests - self._unfinished,
