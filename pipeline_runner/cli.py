@@ -48,7 +48,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("deploy", help="start a deployment in the foreground (Ctrl-C stops it)")
     p.add_argument("file", type=Path, help="deployment YAML file")
-    p.add_argument("--nats", metavar="URL", help="use this NATS server instead of the file's or an embedded one")
+    p.add_argument("--nats", metavar="URL[,URL...]", help="use this NATS server (or these cluster members) instead of the file's or an embedded one")
+    p.add_argument("--only", type=_names, metavar="OP[,OP...]", help="run only these operators on this host (the others run elsewhere on the same NATS)")
+    p.add_argument("--workers", type=_positive_int, metavar="N", help="run N workers of each operator here instead of the file's count")
+    p.add_argument("--data-plane-host", metavar="ADDR", help="interface the data plane listens on, reachable by the other hosts (overrides data_plane.host)")
+    p.add_argument("--health-port", type=int, metavar="PORT", help="serve GET /healthz and /readyz on this port (0: any free port)")
+    p.add_argument("--health-host", default="127.0.0.1", metavar="ADDR", help="interface of the health endpoints (default 127.0.0.1)")
     p.add_argument("--log-dir", type=Path, help="directory for per-worker logs")
     p.add_argument("--start-timeout", type=float, default=120.0, metavar="S", help="seconds a worker may take to become ready")
     p.set_defaults(func=_cmd_deploy)
@@ -67,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="do not compare outputs with inputs")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--wait", type=float, default=0.0, metavar="S", help="wait up to S seconds for the deployment to come up")
+    p.add_argument("--data-plane-host", metavar="ADDR", help="interface this client's data plane listens on for large inputs (default: the deployment's setting)")
     p.set_defaults(func=_cmd_client)
 
     p = sub.add_parser("validate", help="check a deployment file and print it normalized")
@@ -80,12 +86,44 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="list deployments running on this machine")
     p.set_defaults(func=_cmd_status)
 
+    p = sub.add_parser("nats-server", help="run a nats-server in the foreground, e.g. one member of a NATS cluster")
+    p.add_argument("--host", default="127.0.0.1", metavar="ADDR", help="client interface (default 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=4222, help="client port (default 4222; 0 picks a free one)")
+    p.add_argument("--name", metavar="NAME", help="server name, unique in the cluster (default: the host name)")
+    p.add_argument("--cluster", metavar="NAME", default="pipeline_runner", help="cluster name (default pipeline_runner)")
+    p.add_argument("--cluster-host", metavar="ADDR", help="interface for routes from the other members (default: --host)")
+    p.add_argument("--cluster-port", type=int, default=6222, help="route port (default 6222; 0 disables clustering)")
+    p.add_argument("--routes", type=_names, default=[], metavar="URL[,URL...]", help="the other members' route URLs, e.g. nats-route://10.0.0.2:6222")
+    p.add_argument("--store-dir", type=Path, metavar="DIR", help="JetStream storage (default: in the runner's state directory)")
+    p.add_argument("--no-jetstream", action="store_true", help="plain NATS without JetStream (no delivery guarantee)")
+    p.set_defaults(func=_cmd_nats_server)
+
+    p = sub.add_parser("k8s", help="write Kubernetes manifests that run a deployment (kubectl apply -f)")
+    p.add_argument("file", type=Path, help="deployment YAML file")
+    p.add_argument("-o", "--output", type=Path, metavar="PATH", help="write here instead of stdout: a directory (one file per object) or a .yaml file")
+    p.add_argument("--image", help="runner image of the workers (containers/build.sh; default pipeline-runner:cpu, pipeline-runner:gpu for device gpu)")
+    p.add_argument("--gpu-image", metavar="IMAGE", help="image of the device gpu operators (default: --image if given, else pipeline-runner:gpu)")
+    p.add_argument("--file-in-image", metavar="PATH", help="the deployment file's path inside the image (default /app/<its path in the repository>)")
+    p.add_argument("--image-pull-policy", choices=("Always", "IfNotPresent", "Never"), help="of the worker containers (default: Kubernetes', Always for :latest)")
+    p.add_argument("--namespace", metavar="NS", help="namespace of every object (default: kubectl's current one)")
+    p.add_argument("--nats", metavar="URL", help="an existing NATS for the workers: no NATS cluster is written (default: the file's nats_url, else a cluster)")
+    p.add_argument("--nats-replicas", type=_positive_int, default=3, metavar="N", help="members of the NATS cluster (default 3)")
+    p.add_argument("--nats-image", default="nats:2.10-alpine", metavar="IMAGE", help="nats-server image (default nats:2.10-alpine)")
+    p.add_argument("--nats-storage", default="10Gi", metavar="SIZE", help="JetStream volume per NATS member (default 10Gi)")
+    p.add_argument("--nats-storage-class", metavar="CLASS", help="storage class of those volumes (default: the cluster's)")
+    p.add_argument("--nats-secret", metavar="NAME", help="Secret with keys PIPELINE_RUNNER_NATS_TOKEN / _USER / _PASSWORD for NATS credentials")
+    p.set_defaults(func=_cmd_k8s)
+
     p = sub.add_parser("triton", help="manage the Triton Inference Server used by Triton operators")
     triton = p.add_subparsers(dest="triton_command", required=True, metavar="COMMAND")
     p = triton.add_parser("setup", help="install Triton and its model environment (once; cached)")
     p.add_argument("--home", type=Path, metavar="DIR", help="install here (default: $PIPELINE_RUNNER_TRITON_HOME or ~/.cache/pipeline_runner/triton)")
     p.set_defaults(func=_cmd_triton_setup)
     return parser
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def _positive_int(text: str) -> int:
@@ -135,20 +173,69 @@ def _cmd_status(args: argparse.Namespace) -> int:
         )
         stats = asyncio.run(_worker_stats(state, len(state.workers)))
         table = Table(show_header=True)
-        columns = ("worker", "pid", "restarts", "served", "unfinished", "cancelled", "redelivered", "tensors held")
+        columns = ("worker", "pid", "device", "restarts", "served", "unfinished", "cancelled", "redelivered", "tensors held")
         for column in columns:
             table.add_column(column, justify="left" if column == "worker" else "right", no_wrap=True)
         restarts = {f"{w.operator}.{w.index}": w.restarts for w in state.workers}
         for s in sorted(stats, key=lambda s: s["worker"]):
             table.add_row(
-                s["worker"], str(s["pid"]), str(restarts.get(s["worker"], "?")), str(s["served"]),
+                s["worker"], str(s["pid"]), _device_label(s), str(restarts.get(s["worker"], "?")), str(s["served"]),
                 str(s["unfinished"]), str(s["cancelled"]), str(s.get("redelivered", 0)),
                 str(s["data_plane"]["stored_tensors"]),
             )  # fmt: skip
-        Console(width=max(Console().width, 100)).print(table)
+        Console(width=max(Console().width, 120)).print(table)
         if len(stats) < alive:
             print(f"({alive - len(stats)} workers did not answer within 2 s)")
     return 0
+
+
+def _cmd_nats_server(args: argparse.Namespace) -> int:
+    return asyncio.run(_nats_server(args))
+
+
+async def _nats_server(args: argparse.Namespace) -> int:
+    import socket
+
+    from .nats_security import NatsClientOptions, embedded_server_config
+    from .nats_server import ClusterSpec, NatsServer
+    from .state import state_dir
+
+    name = args.name or socket.gethostname()
+    cluster = None
+    if args.cluster_port:
+        cluster = ClusterSpec(args.cluster, args.cluster_host or args.host, args.cluster_port, args.routes)
+    elif args.routes:
+        raise RunnerError("--routes needs a --cluster-port to accept routes on")
+    workdir = args.store_dir or state_dir() / "nats-server" / name
+    # Credentials come from the PIPELINE_RUNNER_NATS_* variables, as for the workers.
+    options = NatsClientOptions.resolve()
+    server = NatsServer(
+        workdir, args.host, args.port, not args.no_jetstream,
+        config_text=embedded_server_config(options, None, None),
+        server_name=name, cluster=cluster,
+    )  # fmt: skip
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    url = await server.start()
+    members = f", cluster {args.cluster!r} on {cluster.host}:{cluster.port}, routes: {', '.join(args.routes) or 'none'}" if cluster else ""
+    print(f"nats-server {name!r} listening on {url}{members}\n  log: {server.log_file}\nPress Ctrl-C to stop.", flush=True)
+    waiter = asyncio.create_task(stop.wait())
+    exited = asyncio.create_task(server.wait())
+    await asyncio.wait({waiter, exited}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if exited.done():
+        raise RunnerError(f"nats-server exited: {server.log_tail()}")
+    exited.cancel()
+    await server.stop()
+    return 0
+
+
+def _device_label(stats: dict[str, Any]) -> str:
+    """``cpu``, or ``gpu N`` with the deployment's number of the worker's GPU."""
+    device = str(stats.get("device", "?"))
+    return f"gpu {stats['gpu']}" if device == "gpu" and stats.get("gpu") is not None else device
 
 
 def _cmd_triton_setup(args: argparse.Namespace) -> int:
@@ -170,6 +257,40 @@ async def _worker_stats(state: Any, expected: int) -> list[dict[str, Any]]:
         return await connection.worker_stats(expected=expected, timeout_s=2.0)
 
 
+# --- k8s ---------------------------------------------------------------------------------
+
+
+def _cmd_k8s(args: argparse.Namespace) -> int:
+    from .config_loader import load_deployment
+    from .k8s import K8sOptions, manifests, portability_warnings, to_yaml, write_manifests
+
+    config = load_deployment(args.file)
+    options = K8sOptions(
+        image=args.image,
+        gpu_image=args.gpu_image,
+        file_in_image=args.file_in_image,
+        namespace=args.namespace,
+        nats_url=args.nats,
+        nats_replicas=args.nats_replicas,
+        nats_image=args.nats_image,
+        nats_storage=args.nats_storage,
+        nats_storage_class=args.nats_storage_class,
+        nats_secret=args.nats_secret,
+        image_pull_policy=args.image_pull_policy,
+    )
+    objects = manifests(config, options)
+    for warning in portability_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
+    header = f"Deployment {config.name!r} on Kubernetes, written by `runner k8s` from {args.file}.\nApply with: kubectl apply -f <this>"
+    if args.output is None:
+        sys.stdout.write(to_yaml(objects, header))
+    else:
+        written = write_manifests(objects, args.output, header)
+        where = args.output if len(written) > 1 else written[0]
+        print(f"wrote {len(objects)} objects to {where}", file=sys.stderr)
+    return 0
+
+
 # --- deploy ------------------------------------------------------------------------------
 
 
@@ -188,7 +309,7 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
 
 async def _deploy(config: Any, args: argparse.Namespace) -> int:
     from .deployment import Deployment
-    from .state import remove_state, write_state
+    from .state import write_state
 
     deployment = Deployment(
         config,
@@ -196,7 +317,27 @@ async def _deploy(config: Any, args: argparse.Namespace) -> int:
         log_dir=args.log_dir,
         start_timeout_s=args.start_timeout,
         on_change=lambda d: write_state(d.state()),
+        only=args.only,
+        workers=args.workers,
+        data_plane_host=args.data_plane_host,
     )
+    health = None
+    if args.health_port is not None:
+        from .health import HealthServer
+
+        health = HealthServer(deployment.readiness, args.health_host, args.health_port)
+        await health.start()
+    try:
+        return await _run_deployment(deployment)
+    finally:
+        if health is not None:
+            await health.stop()
+
+
+async def _run_deployment(deployment: Any) -> int:
+    from .state import remove_state
+
+    config = deployment.config
     stop = asyncio.Event()
 
     def on_signal() -> None:
@@ -299,6 +440,10 @@ async def _client(args: argparse.Namespace) -> int:
                 f"(its operators: {', '.join(served)}); choose one with --operator"
             )
     inputs = make_inputs(args.size, args.dtype, count=min(args.requests, 16))
+    if args.data_plane_host is not None:
+        from .config import DataPlaneConfig
+
+        data_plane = (data_plane or DataPlaneConfig()).model_copy(update={"host": args.data_plane_host})
     connection = await Connection.connect(
         nats_url, deployment, default_timeout_s=args.timeout, data_plane=data_plane
     )

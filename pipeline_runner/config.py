@@ -274,8 +274,9 @@ class OperatorConfig(_Model):
         None,
         min_length=1,
         description=(
-            "device gpu/auto: the GPU indices (as CUDA numbers them on the host) the workers take "
-            "round-robin, one GPU per worker; default: every visible GPU."
+            "device gpu/auto: the GPU numbers the workers take round-robin, one GPU per worker "
+            "(worker i gets gpus[i % len(gpus)]), numbered as CUDA does in the deploying process "
+            "(after its CUDA_VISIBLE_DEVICES); default: every visible GPU."
         ),
     )
     resources: ResourcesConfig = Field(
@@ -289,7 +290,7 @@ class OperatorConfig(_Model):
     def _fields_of_its_kind(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> OperatorConfig:
         # Wraps the fields' own validation so that a missing or misplaced key is reported
         # together with whatever else is wrong with the operator.
-        details = _kind_problems(data)
+        details = _kind_problems(data) + _device_problems(data)
         if not details:
             validated: OperatorConfig = handler(data)
             return validated
@@ -335,6 +336,18 @@ def _kind_problems(op: Any) -> list[InitErrorDetails]:
                 )
                 details.append(InitErrorDetails(type=error, loc=(key,), input=op[key]))
     return details
+
+
+def _device_problems(op: Any) -> list[InitErrorDetails]:
+    """An error for ``gpus`` on an operator (as written) that runs on the CPU."""
+    if not isinstance(op, dict) or op.get("device", "cpu") != "cpu" or op.get("gpus") is None:
+        return []
+    error = _rule_error(
+        "gpus_on_cpu",
+        "gpus is set but device is 'cpu'",
+        requirement="must not be set for device 'cpu' (set device: gpu or auto to use GPUs)",
+    )
+    return [InitErrorDetails(type=error, loc=("gpus",), input=op["gpus"])]
 
 
 def _duplicate_names(operators: Any) -> list[InitErrorDetails]:

@@ -15,13 +15,15 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from .config import DeploymentConfig, OperatorConfig
 from .errors import RunnerError, WorkerStartError
 from .nats_security import NatsClientOptions, embedded_server_config
 from .nats_server import NatsServer
+from .placement import Placer, WorkerPlacement, worker_environment
 from .state import DeploymentState, WorkerState, state_dir
 from .worker import STATUS_FD_ENV, WorkerSpec
 
@@ -60,7 +62,9 @@ class WorkerProcess:
         """Spawn the process and return once it reports ready; raise WorkerStartError if not."""
         self.ready, self.ready_at = False, None
         read_fd, write_fd = os.pipe()
-        env = dict(os.environ, **{STATUS_FD_ENV: str(write_fd)})
+        # The device pin goes into the environment, so it holds before the worker imports anything.
+        placement = WorkerPlacement(self.spec.device, self.spec.gpu)
+        env = dict(os.environ, **worker_environment(placement), **{STATUS_FD_ENV: str(write_fd)})
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log_out:
             try:
@@ -151,7 +155,12 @@ class WorkerProcess:
 
 
 class Deployment:
-    """Runs a :class:`DeploymentConfig`: request plane, workers, restarts and shutdown."""
+    """Runs a :class:`DeploymentConfig`: request plane, workers, restarts and shutdown.
+
+    On one host of several, ``only`` names the operators this host runs (all by default) and
+    ``workers`` overrides how many workers of each run here; the operators' queues are still
+    sized by the file's worker counts, which count every host's workers.
+    """
 
     def __init__(
         self,
@@ -162,8 +171,18 @@ class Deployment:
         start_timeout_s: float = 120.0,
         drain_timeout_s: float = 30.0,
         on_change: Callable[[Deployment], None] | None = None,
+        only: Sequence[str] | None = None,
+        workers: int | None = None,
+        data_plane_host: str | None = None,
     ):
+        if data_plane_host is not None:
+            data_plane = config.data_plane.model_copy(update={"host": data_plane_host})
+            config = config.model_copy(update={"data_plane": data_plane})
         self.config = config
+        self.operators = select_operators(config, only)
+        if workers is not None and workers < 1:
+            raise RunnerError(f"workers must be at least 1, got {workers}")
+        self.local_workers = workers
         self.nats_url = nats_url or config.request_plane.nats_url
         self.nats_options = NatsClientOptions.resolve(config.request_plane, config.root)
         self.run_dir = state_dir() / config.name
@@ -174,6 +193,7 @@ class Deployment:
         self.drain_timeout_s = drain_timeout_s
         self.started_at = time.time()
         self._on_change = on_change or (lambda _: None)
+        self._placer = Placer(source=config.source)
         self._nats: NatsServer | None = None
         self._workers: list[WorkerProcess] = []
         self._monitors: list[asyncio.Task[None]] = []
@@ -186,6 +206,8 @@ class Deployment:
     async def start(self) -> None:
         """Start NATS (unless given) and every worker; return when all are ready."""
         try:
+            # Before anything starts: a device that cannot be had fails the deploy at once.
+            await self._placer.acheck(self.operators)
             if self.nats_url is None:
                 embedded = self.config.request_plane.embedded
                 cert, key = (
@@ -201,7 +223,7 @@ class Deployment:
                 )
                 self.nats_url = await self._nats.start()
                 log.info("embedded nats-server listening on %s", self.nats_url)
-            if any(op.kind == "triton" for op in self.config.operators):
+            if any(op.kind == "triton" for op in self.operators):
                 # Once, here, with progress on the console, rather than inside a worker's start
                 # timeout; the workers then find it ready.
                 from .triton.environment import setup_triton
@@ -210,8 +232,8 @@ class Deployment:
                 log.info("Triton: %s", installation.source)
             self._workers = [
                 self._make_worker(op, index)
-                for op in self.config.operators
-                for index in range(op.workers)
+                for op in self.operators
+                for index in range(self.local_workers or op.workers)
             ]
             results = await asyncio.gather(
                 *(w.start(self.start_timeout_s) for w in self._workers), return_exceptions=True
@@ -229,6 +251,7 @@ class Deployment:
 
     def _make_worker(self, op: OperatorConfig, index: int) -> WorkerProcess:
         assert self.nats_url is not None
+        placement = self._placer.place(op, index)
         spec = WorkerSpec(
             deployment=self.config.name,
             operator=op,
@@ -241,6 +264,8 @@ class Deployment:
             request_timeout_s=self.config.request_plane.request_timeout_s,
             drain_timeout_s=self.drain_timeout_s,
             parent_pid=os.getpid(),
+            device=placement.device,
+            gpu=placement.gpu,
         )
         return WorkerProcess(spec, self.log_dir / f"{op.name}.{index}.log", self.config.root)
 
@@ -280,7 +305,7 @@ class Deployment:
         for task in self._monitors:
             task.cancel()
         grace = self.drain_timeout_s + 5.0 if grace_s is None else grace_s
-        for op in reversed(self.config.operators):
+        for op in reversed(self.operators):
             await asyncio.gather(
                 *(w.terminate(grace) for w in self._workers if w.spec.operator.name == op.name)
             )
@@ -296,6 +321,12 @@ class Deployment:
         if self._nats is not None:
             await self._nats.stop(timeout_s=1.0)
 
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Whether every worker this host runs is ready, with each worker's readiness."""
+        workers = {w.name: w.ready for w in self._workers}
+        ready = bool(workers) and all(workers.values()) and not self._stopping
+        return ready, {"workers": workers}
+
     def state(self) -> DeploymentState:
         if self.nats_url is None:
             raise RunnerError("deployment is not started")
@@ -310,6 +341,20 @@ class Deployment:
             started_at=self.started_at,
             workers=[w.state() for w in self._workers],
         )
+
+
+def select_operators(config: DeploymentConfig, only: Sequence[str] | None) -> list[OperatorConfig]:
+    """The operators named in ``only`` (all when None), in file order; unknown names are an error."""
+    if only is None:
+        return list(config.operators)
+    names = {op.name for op in config.operators}
+    unknown = [name for name in only if name not in names]
+    if unknown or not only:
+        raise RunnerError(
+            f"deployment {config.name!r} has no operator {', '.join(map(repr, unknown)) or '(none named)'}; "
+            f"its operators: {', '.join(op.name for op in config.operators)}"
+        )
+    return [op for op in config.operators if op.name in only]
 
 
 def _describe_exit(code: int | None) -> str:

@@ -121,7 +121,9 @@ def embedded_server_config(options: NatsClientOptions, tls_cert: str | None, tls
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password or token in it replaced by ``***``."""
+    """``url`` (or comma-separated URLs) with any password or token in it replaced by ``***``."""
+    if "," in url:
+        return ",".join(redact_url(part) for part in url.split(","))
     parts = urlsplit(url)
     if parts.password is None and not parts.username:
         return url

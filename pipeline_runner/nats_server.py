@@ -11,6 +11,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RunnerError
@@ -32,8 +33,29 @@ def find_nats_server() -> str:
     )
 
 
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Membership of a NATS cluster: where this server listens for routes, and its peers."""
+
+    name: str
+    host: str
+    port: int
+    routes: list[str] = field(default_factory=list)
+
+    def config_block(self) -> str:
+        routes = ", ".join(json.dumps(route) for route in self.routes)
+        return (
+            f"cluster {{ name: {json.dumps(self.name)}, listen: {json.dumps(f'{self.host}:{self.port}')}, "
+            f"routes: [{routes}] }}\n"
+        )
+
+
 class NatsServer:
-    """A nats-server child process on a chosen or free port, stopped with :meth:`stop`."""
+    """A nats-server child process on a chosen or free port, stopped with :meth:`stop`.
+
+    With a :class:`ClusterSpec` it is a member of a cluster (JetStream then runs clustered and
+    every member needs a distinct ``server_name``).
+    """
 
     def __init__(
         self,
@@ -42,12 +64,17 @@ class NatsServer:
         port: int = 0,
         jetstream: bool = True,
         config_text: str = "",
+        *,
+        server_name: str | None = None,
+        cluster: ClusterSpec | None = None,
     ):
         self.workdir = workdir
         self.host = host
         self.port = port
         self.jetstream = jetstream
         self.config_text = config_text  # authorization / tls blocks; may hold secrets
+        self.server_name = server_name
+        self.cluster = cluster
         self.url: str | None = None
         self.log_file = workdir / "nats-server.log"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -70,13 +97,18 @@ class NatsServer:
         ]  # fmt: skip
         if self.jetstream:
             args += ["-js", "-sd", str(self.workdir / "jetstream")]
-        if self.config_text.strip():
+        if self.server_name:
+            args += ["--name", self.server_name]
+        config_text = self.config_text
+        if self.cluster is not None:
+            config_text += self.cluster.config_block()
+        if config_text.strip():
             # A file readable by us alone: secrets on a command line would show in `ps`.
             conf = self.workdir / "nats-server.conf"
             conf.unlink(missing_ok=True)
             fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as out:
-                out.write(self.config_text)
+                out.write(config_text)
             args += ["-c", str(conf)]
         self._proc = subprocess.Popen(
             args,
@@ -111,6 +143,16 @@ class NatsServer:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+    async def wait(self) -> int:
+        """Wait for the server to exit (by itself or stopped); its exit code."""
+        while self._proc is not None and self._proc.poll() is None:
+            await asyncio.sleep(0.2)
+        return self._proc.returncode if self._proc is not None else 0
+
+    def log_tail(self, lines: int = 5) -> str:
+        """The last lines of the server's log, joined."""
+        return self._log_tail(lines)
 
     def kill(self) -> None:
         """SIGKILL the server, as a crash would (for fault tests)."""

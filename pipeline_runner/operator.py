@@ -12,10 +12,13 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 
 from .errors import BadInputError, OperatorError
+from .kernels.xp import to_device
 from .tensor import Tensor, TensorLike
 
 if TYPE_CHECKING:
@@ -29,7 +32,12 @@ Responder = Callable[
 
 @dataclass(frozen=True)
 class OperatorContext:
-    """What an operator knows about where it runs."""
+    """What an operator knows about where it runs.
+
+    ``device`` is where the deployment placed this worker (its ``device`` resolved: ``auto``
+    became ``cpu`` or ``gpu``). Write array code once against :attr:`xp`: inputs from
+    ``request.array`` already live there, and CuPy results sent in a response stay on the GPU.
+    """
 
     deployment: str
     operator: str
@@ -37,6 +45,24 @@ class OperatorContext:
     worker: str
     parameters: dict[str, Any] = field(default_factory=dict)
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("operator"))
+    device: Literal["cpu", "gpu"] = "cpu"
+    #: The deployment's CUDA number of this worker's GPU (None on the CPU); in this process the
+    #: GPU is device 0, the only one visible.
+    gpu: int | None = None
+
+    @property
+    def xp(self) -> ModuleType:
+        """The array module of this worker's device: ``cupy`` on a GPU worker, else ``numpy``."""
+        if self.device == "gpu":
+            import cupy  # only GPU workers import CuPy
+
+            return cupy
+        return np
+
+    def to_device(self, array: Any) -> Any:
+        """``array`` on this worker's device (a no-op when already there; zero-copy via DLPack
+        where the producer allows, e.g. a PyTorch CUDA tensor onto a GPU worker)."""
+        return to_device(array, self.device)
 
 
 class Request:
@@ -49,11 +75,14 @@ class Request:
         inputs: dict[str, Tensor],
         deadline: float,
         responder: Responder,
+        device: Literal["cpu", "gpu"] = "cpu",
     ):
         self.id = request_id
         self.parameters = parameters
         self.inputs = inputs
         self.deadline = deadline  # time.monotonic() value
+        #: The serving worker's device: where :meth:`array` puts inputs by default.
+        self.device = device
         self._responder = responder
         self._final_sent = False
         self._cancelled = False
@@ -76,12 +105,19 @@ class Request:
         """Seconds until the caller stops waiting."""
         return max(0.0, self.deadline - time.monotonic())
 
-    async def array(self, name: str, memory_type: str = "cpu") -> Any:
-        """The input ``name`` (NumPy, or CuPy for ``'gpu'``); a missing one is a BadInputError."""
+    async def array(self, name: str, memory_type: str | None = None) -> Any:
+        """The input ``name`` on this worker's device, or on ``memory_type`` (``'cpu'``/``'gpu'``).
+
+        On a GPU worker that is a CuPy array: a tensor another GPU published is fetched straight
+        into device memory, host bytes are copied to the device once. Byte and string tensors
+        stay NumPy arrays (CuPy has no such dtypes). A missing input is a BadInputError.
+        """
         tensor = self.inputs.get(name)
         if tensor is None:
             have = ", ".join(sorted(self.inputs)) or "none"
             raise BadInputError(f"missing input {name!r} (inputs given: {have})")
+        if memory_type is None:
+            memory_type = self.device if _numeric(tensor.dtype) else "cpu"
         return await tensor.array(memory_type)
 
     async def respond(
@@ -109,6 +145,19 @@ class Request:
     def _check_open(self) -> None:
         if self._final_sent:
             raise RuntimeError(f"request {self.id} already has its final response")
+
+
+def _numeric(dtype: Any) -> bool:
+    """True for dtypes CuPy arrays can hold: not variable-length 'bytes'/'string', text or objects.
+
+    ``dtype`` is a NumPy dtype, or a remote tensor's dtype string (``'<f4'``, ``'bytes'``).
+    """
+    if isinstance(dtype, str) and dtype in ("bytes", "string"):
+        return False
+    try:
+        return np.dtype(dtype).kind in "biufc"
+    except TypeError:
+        return False
 
 
 class Response:

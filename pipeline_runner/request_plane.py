@@ -12,6 +12,7 @@ import json
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any
@@ -35,6 +36,18 @@ _RETRY_MAX_S = 0.5
 _FIRST_CONNECT_ATTEMPTS = 3
 # JetStream's answers when an operator's work queue is full (max messages / max bytes).
 _QUEUE_FULL_ERRORS = {10077, 10078}
+# NATS header on a request sent again by its caller (the count of resends), after the caller's
+# connection to NATS broke while the request was open: its response may have been lost.
+RESEND_HEADER = "PR-Resend"
+# Final responses are kept this long, and at least until a flush sent after them came back: a
+# cluster member that dies may take responses it accepted (but had not routed on) with it, and
+# they are published again after the reconnect. Bounded in bytes.
+_JOURNAL_S = 2.0
+_JOURNAL_MAX_BYTES = 64 << 20
+_CONFIRM_EVERY_S = 0.5
+# Detect a server that vanished without closing the connection (a host crash) within ~30 s.
+_PING_INTERVAL_S = 10
+_MAX_OUTSTANDING_PINGS = 3
 
 
 def operator_subject(deployment: str, operator: str, version: int) -> str:
@@ -68,6 +81,14 @@ class RequestPlane:
         #: Responses that arrived after their request had ended (e.g. a second final answer
         #: from a redelivered request); they are dropped, never handed to a caller.
         self.late_responses = 0
+        #: Requests sent again because the connection broke while they were open.
+        self.resent_requests = 0
+        #: Final responses published again after a reconnect (callers drop the duplicates).
+        self.republished_responses = 0
+        self._journal: deque[tuple[float, str, bytes]] = deque()
+        self._journal_bytes = 0
+        self._confirmed_at = 0.0  # when the last flush that came back was sent
+        self._confirmer: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(
@@ -102,11 +123,17 @@ class RequestPlane:
             nonlocal last_error
             last_error = ""
             log.info("reconnected to NATS")
+            if planes:
+                planes[0]._resend_open_requests()
+                await planes[0]._republish_journal()
+
+        planes: list[RequestPlane] = []
 
         try:
             # nats-py can hang after a failed TLS handshake: bound the whole first connect.
             nc = await asyncio.wait_for(nats.connect(
-                servers=[url],
+                # A cluster's members, comma-separated; nats-py also learns them from the server.
+                servers=[u.strip() for u in url.split(",") if u.strip()],
                 name=name,
                 connect_timeout=connect_timeout_s,
                 allow_reconnect=True,
@@ -114,6 +141,8 @@ class RequestPlane:
                 # authorization error): try a few times, then lift the limit once connected.
                 max_reconnect_attempts=_FIRST_CONNECT_ATTEMPTS,
                 reconnect_time_wait=0.5,
+                ping_interval=_PING_INTERVAL_S,
+                max_outstanding_pings=_MAX_OUTSTANDING_PINGS,
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
@@ -132,6 +161,7 @@ class RequestPlane:
         connected.append(nc)
         plane = cls(nc)
         plane._inbox_sub = await nc.subscribe(f"{plane._inbox_prefix}.*", cb=plane._on_response)
+        planes.append(plane)
         return plane
 
     @property
@@ -139,11 +169,20 @@ class RequestPlane:
         return self._nc
 
     @property
+    def server_name(self) -> str | None:
+        """Name of the NATS server this connection is on now (a cluster member's ``--name``)."""
+        info = self._nc._server_info or {}  # nats-py keeps the server's INFO only here
+        return info.get("server_name")
+
+    @property
     def max_payload(self) -> int:
         return self._nc.max_payload
 
     async def close(self, timeout_s: float = 2.0) -> None:
         """Drain subscriptions and close the connection (at once when NATS is unreachable)."""
+        if self._confirmer is not None:
+            self._confirmer.cancel()
+            self._confirmer = None
         if self._nc.is_closed:
             return
         try:
@@ -173,6 +212,15 @@ class RequestPlane:
 
     def _forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
+
+    def _resend_open_requests(self) -> None:
+        # While the connection was down, responses published to our inbox went nowhere (core
+        # NATS keeps no messages for an absent subscriber), and requests we had just
+        # published may not have reached a server: send every open request again.
+        for stream in list(self._streams.values()):
+            if stream._may_resend():
+                self.resent_requests += 1
+                asyncio.create_task(stream._resend())
 
     async def _on_response(self, msg: Msg) -> None:
         request_id = msg.subject.rsplit(".", 1)[-1]
@@ -229,10 +277,46 @@ class RequestPlane:
             await sub.unsubscribe()
         return answers
 
-    async def publish(self, subject: str, payload: bytes, reply: str = "") -> None:
+    async def publish(
+        self, subject: str, payload: bytes, reply: str = "", headers: dict[str, str] | None = None
+    ) -> None:
         """Publish ``payload``; too large a payload fails at once with PayloadTooLargeError."""
         self.check_payload(len(payload))
-        await self._nc.publish(subject, payload, reply=reply)
+        await self._nc.publish(subject, payload, reply=reply, headers=headers)
+
+    async def publish_response(self, subject: str, payload: bytes, final: bool) -> None:
+        """Publish a response; a final one is kept a moment to be published again after a
+        reconnect (see ``_JOURNAL_S``)."""
+        await self.publish(subject, payload)
+        if not final:
+            return
+        now = time.monotonic()
+        self._journal.append((now, subject, payload))
+        self._journal_bytes += len(payload)
+        while self._journal and (
+            self._journal_bytes > _JOURNAL_MAX_BYTES
+            or (self._journal[0][0] < now - _JOURNAL_S and self._journal[0][0] < self._confirmed_at)
+        ):
+            self._journal_bytes -= len(self._journal.popleft()[2])
+        if self._confirmer is None:
+            self._confirmer = asyncio.create_task(self._confirm())
+
+    async def _confirm(self) -> None:
+        # A flush that comes back proves the server took everything published before it.
+        while True:
+            await asyncio.sleep(_CONFIRM_EVERY_S)
+            if not self._journal or not self._nc.is_connected:
+                continue
+            sent = time.monotonic()
+            with contextlib.suppress(Exception):
+                await self._nc.flush(timeout=2)
+                self._confirmed_at = sent
+
+    async def _republish_journal(self) -> None:
+        for _, subject, payload in list(self._journal):
+            with contextlib.suppress(Exception):
+                await self._nc.publish(subject, payload)
+                self.republished_responses += 1
 
     def check_payload(self, size: int, what: str = "message") -> None:
         if size > self._nc.max_payload:
@@ -258,6 +342,7 @@ class ResponseStream:
         self._stored_in_queue = False  # a work queue took the request
         self._answered = False  # any response arrived
         self._partial = 0  # non-final responses of it already handed out
+        self._resends = 0  # times sent again after a reconnect
 
     def time_left(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
@@ -268,7 +353,22 @@ class ResponseStream:
     async def send(self, subject: str, payload: bytes) -> None:
         """Publish the request (kept so it can be re-sent while nobody serves the subject)."""
         self._subject, self._payload = subject, payload
-        await self._plane.publish(subject, payload, reply=self.reply_to)
+        await self._publish()
+
+    async def _publish(self) -> None:
+        headers = {RESEND_HEADER: str(self._resends)} if self._resends else None
+        await self._plane.publish(self._subject, self._payload, reply=self.reply_to, headers=headers)
+
+    def _may_resend(self) -> bool:
+        # Not once responses were handed out: a second run would repeat them.
+        return bool(self._subject) and not self._done and not self._partial and self.time_left() > 0
+
+    async def _resend(self) -> None:
+        self._resends += 1
+        # The worker counts a resend as one more delivery attempt, so a non-idempotent operator
+        # answers "worker_lost" rather than run it twice; a first answer still wins.
+        with contextlib.suppress(Exception):  # disconnected again: the next reconnect resends
+            await self._publish()
 
     def close(self) -> None:
         self._done = True
@@ -303,7 +403,7 @@ class ResponseStream:
                     await asyncio.sleep(min(retry_s, self.time_left()))
                     retry_s = min(retry_s * 2, _RETRY_MAX_S)
                     if self.time_left() > 0:
-                        await self._plane.publish(self._subject, self._payload, reply=self.reply_to)
+                        await self._publish()
                     continue
                 if msg.data[:1] == b"{":
                     # The operator's JetStream work queue took the request (or refused it).

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 
 from .errors import PayloadTooLargeError, ProtocolError
+from .kernels.xp import to_device
 from .protocol import (
     InlineTensor,
     RemoteTensor,
@@ -98,13 +99,10 @@ TensorLike = Union[Tensor, np.ndarray, Any]
 
 
 def _on(array: Any, memory_type: str) -> Any:
-    on_gpu = hasattr(array, "__cuda_array_interface__")
-    if memory_type == "gpu" and not on_gpu:
-        import cupy
-
-        return cupy.asarray(array)
-    if memory_type != "gpu" and on_gpu:
-        return array.get()
+    """``array`` moved to ``memory_type`` if it is elsewhere (see :func:`~.kernels.xp.to_device`)."""
+    want_gpu = memory_type == "gpu"
+    if want_gpu != hasattr(array, "__cuda_array_interface__"):
+        return to_device(array, "gpu" if want_gpu else "cpu")
     return array
 
 

@@ -88,8 +88,36 @@ def _jetstream_missing() -> RunnerError:
     )
 
 
-async def ensure_work_queue(nc: NATS, settings: WorkQueueSettings) -> None:
-    """Create (or bring up to date) the stream and its durable consumer; safe to race."""
+async def ensure_work_queue(nc: NATS, settings: WorkQueueSettings, wait_s: float = 60.0) -> None:
+    """Create (or bring up to date) the stream and its durable consumer; safe to race.
+
+    A NATS cluster answers nothing while it elects its JetStream leader (seconds after it
+    starts, or after losing the leader): that is waited out for up to ``wait_s``.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            await _ensure_work_queue(nc, settings)
+            return
+        except (nats.errors.TimeoutError, _Unavailable) as exc:
+            if time.monotonic() >= deadline:
+                raise RunnerError(
+                    f"cannot set up the work queue {settings.stream}: JetStream did not answer for "
+                    f"{wait_s:g} s ({exc}); is a majority of the NATS cluster up?"
+                ) from None
+            log.info("waiting for JetStream to set up %s (%s)", settings.stream, exc)
+            await asyncio.sleep(0.5)
+
+
+class _Unavailable(Exception):
+    """JetStream answered that it cannot serve the request now (no leader yet)."""
+
+
+# "JetStream system temporarily unavailable", "stream/consumer leader not elected"-like answers.
+_ERR_TEMPORARY = {10008}
+
+
+async def _ensure_work_queue(nc: NATS, settings: WorkQueueSettings) -> None:
     jsm = nc.jsm(timeout=_API_TIMEOUT_S)
     config = settings.stream_config()
     try:
@@ -108,9 +136,13 @@ async def ensure_work_queue(nc: NATS, settings: WorkQueueSettings) -> None:
                 await jsm.delete_stream(settings.stream)
                 await jsm.add_stream(config)
         await jsm.add_consumer(settings.stream, settings.consumer_config())
-    except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
+    except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError) as exc:
+        if getattr(exc, "err_code", None) in _ERR_TEMPORARY:  # a 503 with a JSON reason
+            raise _Unavailable(getattr(exc, "description", None) or str(exc)) from None
         raise _jetstream_missing() from None
     except nats.js.errors.APIError as exc:
+        if exc.err_code in _ERR_TEMPORARY:
+            raise _Unavailable(exc.description or str(exc)) from None
         raise RunnerError(f"cannot set up the work queue {settings.stream}: {exc.description or exc}") from None
 
 
@@ -161,6 +193,7 @@ class WorkQueueConsumer:
         self._reconnects = 0
         self._broken_since: float | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._repair: asyncio.Task[None] | None = None
 
     @property
     def held(self) -> int:
@@ -204,6 +237,11 @@ class WorkQueueConsumer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
             self._ticker = None
+        if self._repair is not None:
+            self._repair.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._repair
+            self._repair = None
 
     async def _pull(self) -> None:
         """Ask for as many messages as there are free slots not yet covered by credit."""
@@ -272,8 +310,16 @@ class WorkQueueConsumer:
                 self._pulls.clear()
                 self._broken_since = self._broken_since or now
             if self._broken_since is not None:
-                with contextlib.suppress(Exception):
-                    await ensure_work_queue(self._nc, self.settings)
-                    self._broken_since = None
-                    self._pulls.clear()
+                # In its own task: a JetStream API call may wait seconds (a cluster electing
+                # a leader), which must not hold up the progress acks above.
+                if self._repair is None or self._repair.done():
+                    self._repair = asyncio.create_task(self._rebuild())
+                continue
+            await self._pull()
+
+    async def _rebuild(self) -> None:
+        with contextlib.suppress(Exception):
+            await ensure_work_queue(self._nc, self.settings, wait_s=0)
+            self._broken_since = None
+            self._pulls.clear()
             await self._pull()

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Mapping
@@ -30,9 +31,11 @@ from .errors import BadInputError, OperatorError, ProtocolError, RunnerError
 from .loader import load_operator_class
 from .nats_security import NatsClientOptions
 from .operator import Operator, OperatorContext, Request
+from .placement import CUDA_VISIBLE_DEVICES, Device, activate_gpu
 from .protocol import ErrorInfo, ResponseHeader, decode_request, encode_message, salvage_reply_to
 from .remote import Connection, current_deadline, set_default_connection
 from .request_plane import (
+    RESEND_HEADER,
     RequestPlane,
     cancel_subject,
     operator_subject,
@@ -69,6 +72,10 @@ class WorkerSpec(BaseModel):
     request_timeout_s: float = 30.0
     drain_timeout_s: float = 30.0
     parent_pid: int | None = None
+    #: Where the deployment placed this worker (its operator's ``device`` resolved).
+    device: Device = "cpu"
+    #: The deployment's CUDA number of this worker's GPU; the worker itself sees it as device 0.
+    gpu: int | None = None
 
     @property
     def worker_id(self) -> str:
@@ -162,6 +169,14 @@ class Worker:
             "cancelled": self.cancelled,
             "redelivered": self.redelivered,
             "unfinished": self._unfinished,
+            "host": socket.gethostname(),
+            "nats_server": self.plane.server_name,
+            "reconnects": self.plane.nats.stats["reconnects"],
+            "resent_requests": self.plane.resent_requests,
+            "republished_responses": self.plane.republished_responses,
+            "device": self.spec.device,
+            "gpu": self.spec.gpu,
+            "cuda_visible_devices": os.environ.get(CUDA_VISIBLE_DEVICES),
             "data_plane": self.data_plane.stats(),
             "operator_stats": self.operator.stats(),
         }
@@ -180,7 +195,6 @@ class Worker:
             return
         request, task = entry
         request._cancelled = True
-        self.cancelled += 1
         log.info("request %s cancelled by its caller", request_id)
         batch = [r for r, t in self._running.values() if t is task]
         if all(r.cancelled for r in batch):
@@ -224,6 +238,7 @@ class Worker:
             task.add_done_callback(self._tasks.discard)
 
     async def _run_batch(self, messages: list[Msg]) -> None:
+        requests: list[Request] = []
         try:
             requests = [request for m in messages if (request := await self._decode(m)) is not None]
             if requests:
@@ -236,6 +251,8 @@ class Worker:
                 # only now may JetStream forget it.
                 for msg in messages:
                     await self._work_queue.done(msg)
+            # Counted once the request is out of the way (acknowledged, its slot free).
+            self.cancelled += sum(1 for r in requests if r.cancelled)
             for _ in messages:
                 self._slots.release()
             self._unfinished -= len(messages)
@@ -257,23 +274,25 @@ class Worker:
         if header.id in self._cancelled_early:
             del self._cancelled_early[header.id]
             return None  # the caller gave up before we started
-        attempt = 1
+        # A caller whose NATS connection broke sends its open requests again (RESEND_HEADER):
+        # each resend counts as one more attempt, like a redelivery.
+        attempt = 1 + _resends(msg)
         deadline = time.monotonic() + header.timeout_s
         if queued:
             metadata = msg.metadata
-            attempt = metadata.num_delivered
+            attempt += metadata.num_delivered - 1
             # The deadline counts from when the caller sent it, however long it waited here.
             deadline -= time.time() - metadata.timestamp.timestamp()
+            if deadline <= time.monotonic():
+                return None  # its caller has already given up
+        if attempt > 1:
+            self.redelivered += 1
+            log.warning("request %s delivered again (attempt %d): a worker holding it died, "
+                        "or its caller lost its NATS connection", header.id, attempt)
             refusal = self._refuse_redelivery(attempt)
-            if attempt > 1:
-                self.redelivered += 1
-                log.warning("request %s delivered again (attempt %d): a worker holding it died",
-                            header.id, attempt)
             if refusal is not None:
                 await self._send(header.reply_to, header.id, {}, {}, True, ("worker_lost", refusal), 0.0, attempt)
                 return None
-            if deadline <= time.monotonic():
-                return None  # its caller has already given up
 
         async def responder(
             outputs: Mapping[str, TensorLike],
@@ -284,19 +303,21 @@ class Worker:
             lease_s = max(deadline - time.monotonic(), 0.0)
             await self._send(header.reply_to, header.id, outputs, parameters, final, error, lease_s, attempt)
 
-        return Request(header.id, header.parameters, inputs, deadline, responder)
+        return Request(header.id, header.parameters, inputs, deadline, responder, device=self.spec.device)
 
     def _refuse_redelivery(self, attempt: int) -> str | None:
         """Why a request delivered for the ``attempt``-th time must not run, if it must not."""
         op = self.spec.operator
         if attempt > 1 and not op.delivery.idempotent:
             return (
-                f"the worker handling this request died; operator {op.name!r} is not idempotent "
-                "(delivery.idempotent: false), so the request was not run again"
+                "this request was delivered again (the worker handling it died, or its caller "
+                f"lost its NATS connection and sent it again); operator {op.name!r} is not "
+                "idempotent (delivery.idempotent: false), so it was not run again"
             )
         if attempt > op.delivery.max_attempts:
             return (
-                f"{attempt - 1} workers of operator {op.name!r} died handling this request "
+                f"{attempt - 1} earlier attempts at this request were lost (workers of operator "
+                f"{op.name!r} died handling it, or its caller's NATS connection broke) "
                 f"(delivery.max_attempts: {op.delivery.max_attempts}); giving up"
             )
         return None
@@ -362,10 +383,16 @@ class Worker:
         scope = current_scope.get()
         if scope is not None:
             scope.hand_on(encoded.forwarded)
-        await self.plane.publish(reply_to, payload)
+        await self.plane.publish_response(reply_to, payload, final)
 
 
 # --- process entry point -----------------------------------------------------------------
+
+
+def _resends(msg: Msg) -> int:
+    """How many times the caller has sent this request again (0 for a first send)."""
+    value = (msg.headers or {}).get(RESEND_HEADER, "0")
+    return int(value) if value.isdigit() and len(value) < 4 else 0
 
 
 def _die_with_parent(parent_pid: int | None) -> None:
@@ -389,6 +416,10 @@ def _report(event: str, **fields: Any) -> None:
 async def run_worker(spec: WorkerSpec) -> None:
     """Load the operator, connect, serve until told to stop."""
     op = spec.operator
+    if spec.device == "gpu":
+        # Before the operator is imported and before UCX starts (which needs the CUDA context).
+        name = activate_gpu()
+        log.info("on GPU %s (%s), CUDA_VISIBLE_DEVICES=%s", spec.gpu, name, os.environ.get(CUDA_VISIBLE_DEVICES))
     operator_cls = None
     if op.kind == "python":
         assert op.implementation is not None
@@ -406,6 +437,8 @@ async def run_worker(spec: WorkerSpec) -> None:
         worker=spec.worker_id,
         parameters=dict(op.parameters),
         logger=logging.getLogger(f"operator.{op.name}"),
+        device=spec.device,
+        gpu=spec.gpu,
     )
     if operator_cls is not None:
         operator = operator_cls(context)

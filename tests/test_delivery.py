@@ -71,7 +71,7 @@ async def test_a_request_that_kills_every_worker_gives_up_after_max_attempts(nat
         with pytest.raises(OperatorError) as caught:
             await conn.operator("crash").infer(parameters={"mode": "before"}, timeout_s=30)
         assert caught.value.code == "worker_lost"
-        assert "2 workers" in caught.value.message and "max_attempts: 2" in caught.value.message
+        assert "2 earlier attempts" in caught.value.message and "max_attempts: 2" in caught.value.message
         await _wait_for(lambda: sum(w.restarts for w in deployment.workers) == 2)
 
 

@@ -1,4 +1,4 @@
-"""hello_world decoder: invert back and keep one copy."""
+"""hello_world decoder: invert back and keep one copy, on the worker's device (see encoder)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 from pipeline_runner import Operator, Request
 
 from .encoder import copies_and_delay
-from .math import decode
+from pipeline_runner.kernels.hello_world import decode
 
 
 class Decoder(Operator):

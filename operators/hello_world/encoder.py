@@ -1,4 +1,8 @@
-"""hello_world encoder: tile the input ``input_copies`` times and invert it."""
+"""hello_world encoder: tile the input ``input_copies`` times and invert it.
+
+On the worker's device: ``request.array`` gives a CuPy array on a GPU worker (``device: gpu``), and
+the kernels' ``encode`` then runs a fused CuPy kernel whose result stays on the GPU for the decoder.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import asyncio
 
 from pipeline_runner import BadInputError, Operator, Request
 
-from .math import encode
+from pipeline_runner.kernels.hello_world import encode
 
 
 def copies_and_delay(operator: Operator, request: Request) -> tuple[int, float]:

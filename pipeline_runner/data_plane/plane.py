@@ -40,6 +40,9 @@ class DataPlane:
         self.store = TensorStore()
         self.buffers = BufferPool()
         self.fetched_from: Counter[str] = Counter()
+        # Where tensors lived and where they went: the evidence that GPU tensors stay on GPUs.
+        self.published_memory: Counter[str] = Counter()  # 'cpu' | 'gpu'
+        self.fetched_memory: Counter[str] = Counter()  # '<producer's memory>-><ours>', e.g. 'gpu->gpu'
         self._transport: Any = None
         self._start_lock = asyncio.Lock()
         self._sweeper: asyncio.Task[None] | None = None
@@ -100,6 +103,7 @@ class DataPlane:
             contiguous = cupy.ascontiguousarray(array)
             flat = contiguous.reshape(-1).view(cupy.uint8)
             tensor_id = self.store.put(flat, contiguous.nbytes, lease)
+            self.published_memory["gpu"] += 1
             return RemoteTensor(
                 name=name, dtype=contiguous.dtype.str, shape=contiguous.shape,
                 nbytes=contiguous.nbytes, address=self.address, tensor_id=tensor_id,
@@ -107,6 +111,7 @@ class DataPlane:
             )  # fmt: skip
         dtype, data = tensor_bytes(name, np.asarray(array))
         tensor_id = self.store.put(data, len(data), lease)
+        self.published_memory["cpu"] += 1
         return RemoteTensor(
             name=name, dtype=dtype, shape=np.shape(array), nbytes=len(data),
             address=self.address, tensor_id=tensor_id,
@@ -116,10 +121,12 @@ class DataPlane:
         """The tensor ``desc`` describes: NumPy, or CuPy when ``memory_type`` is ``'gpu'``."""
         await self.start()
         want_gpu = memory_type == "gpu" and _is_fixed_width(desc.dtype)
+        move = f"{desc.memory_type}->{'gpu' if want_gpu else 'cpu'}"
         if desc.address == self.address:  # our own tensor came back: no transfer
             flat = self.store.get(desc.tensor_id)
             if flat is None:
                 raise DataPlaneError(f"tensor {desc.name!r} ({desc.tensor_id}) was already freed here")
+            self.fetched_memory[move] += 1
             return _as_array(desc, flat, want_gpu)
         if want_gpu:
             import cupy
@@ -129,6 +136,7 @@ class DataPlane:
             out = self.buffers.take(desc.nbytes)
         await self._transport.fetch(desc.address, desc.tensor_id, out, self.config.fetch_timeout_s)
         self.fetched_from[desc.address] += 1
+        self.fetched_memory[move] += 1
         return _as_array(desc, out, want_gpu)
 
     def release(self, descriptors: list[RemoteTensor]) -> None:
@@ -157,6 +165,8 @@ class DataPlane:
             "stored_tensors": len(self.store),
             "stored_bytes": self.store.nbytes,
             "fetched_from": dict(self.fetched_from),
+            "published_memory": dict(self.published_memory),
+            "fetched_memory": dict(self.fetched_memory),
             **transport,
         }
 

@@ -146,7 +146,8 @@ class TritonOperator(Operator):
     ) -> grpcclient.InferInput:
         if name not in request.inputs:
             raise BadInputError(f"missing input {name!r} (model {self.model!r} takes {', '.join(self.inputs)})")
-        array = np.ascontiguousarray(await request.array(name))
+        # Host memory whatever the worker's device: Triton takes inputs over gRPC or shared memory.
+        array = np.ascontiguousarray(await request.array(name, "cpu"))
         expected = triton_to_np_dtype(datatype)
         if array.dtype != expected and datatype != "BYTES":
             raise BadInputError(f"input {name!r} must be {np.dtype(expected)} ({datatype}), got {array.dtype}")

@@ -1,0 +1,141 @@
+"""Test hosts on one machine: Linux network namespaces joined by veth pairs to one bridge.
+
+Each host is a network namespace with its own loopback and one interface ``eth0`` carrying its
+address; the bridge lives in a namespace of its own, so the machine's real network is never
+touched. Processes started on a host run with ``ip netns exec`` (and, with ``own_pids``, in a
+pid and IPC namespace of their own, so that they see each other's processes only on the same
+host, as on separate machines). Needs root and iproute2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SUBNET = "10.79.0"
+
+
+def can_create_namespaces() -> str | None:
+    """None when namespaces can be made here; otherwise why not."""
+    if os.geteuid() != 0:
+        return "network namespaces need root (CI runs as root)"
+    probe = f"prprobe{os.getpid()}"
+    try:
+        result = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, timeout=10)
+    except FileNotFoundError:
+        return "iproute2's `ip` is not installed (apt-get install iproute2)"
+    if result.returncode != 0:
+        return f"`ip netns add` failed: {result.stderr.strip()}"
+    subprocess.run(["ip", "netns", "delete", probe], capture_output=True, timeout=10)
+    return None
+
+
+def _ip(*args: str, netns: str | None = None) -> None:
+    argv = ["ip", *(["-n", netns] if netns else []), *args]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {result.stderr.strip()}")
+
+
+@dataclass
+class Host:
+    name: str
+    netns: str
+    address: str
+
+
+@dataclass
+class Network:
+    """Hosts on one bridged /24; :meth:`close` kills their processes and removes everything."""
+
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+    hosts: dict[str, Host] = field(default_factory=dict)
+    _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _switch: str = ""
+
+    def __post_init__(self) -> None:
+        self._switch = f"pr{self.tag}sw"
+        _ip("netns", "add", self._switch)
+        _ip("link", "add", "br0", "type", "bridge", netns=self._switch)
+        _ip("link", "set", "br0", "up", netns=self._switch)
+
+    def add_host(self, name: str) -> Host:
+        number = len(self.hosts) + 1
+        netns = f"pr{self.tag}{name}"
+        outside, inside = f"v{self.tag}{number}", f"h{self.tag}{number}"
+        address = f"{SUBNET}.{number}"
+        _ip("netns", "add", netns)
+        _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
+        _ip("link", "set", outside, "netns", self._switch)
+        _ip("link", "set", inside, "netns", netns)
+        _ip("link", "set", outside, "master", "br0", netns=self._switch)
+        _ip("link", "set", outside, "up", netns=self._switch)
+        _ip("link", "set", inside, "name", "eth0", netns=netns)
+        _ip("addr", "add", f"{address}/24", "dev", "eth0", netns=netns)
+        _ip("link", "set", "eth0", "up", netns=netns)
+        _ip("link", "set", "lo", "up", netns=netns)
+        host = Host(name, netns, address)
+        self.hosts[name] = host
+        return host
+
+    def start(
+        self, host: str, argv: list[str], log: Path, env: dict[str, str] | None = None, own_pids: bool = True
+    ) -> subprocess.Popen[bytes]:
+        """Run ``argv`` on ``host``, output to ``log``."""
+        prefix = ["ip", "netns", "exec", self.hosts[host].netns]
+        if own_pids:
+            # pid 1 of the new pid namespace is the command; killing it ends the host's processes.
+            prefix += ["unshare", "--pid", "--ipc", "--fork", "--kill-child", "--mount-proc"]
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                prefix + argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+            )
+        self._procs.append(proc)
+        return proc
+
+    def run(self, host: str, argv: list[str], timeout_s: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` on ``host`` to completion (same pid namespace as the test)."""
+        return subprocess.run(
+            ["ip", "netns", "exec", self.hosts[host].netns, *argv],
+            capture_output=True, text=True, timeout=timeout_s, env={**os.environ, **(env or {})},
+        )  # fmt: skip
+
+    def rx_bytes(self, host: str) -> int:
+        """Bytes received on ``host``'s network interface so far."""
+        result = self.run(host, ["cat", "/sys/class/net/eth0/statistics/rx_bytes"], timeout_s=10)
+        return int(result.stdout.strip())
+
+    @staticmethod
+    def kill(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+        """Signal ``proc``'s whole process group (the host's command and all it started)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+
+    def close(self) -> None:
+        for proc in self._procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self._procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            if proc.poll() is None:
+                self.kill(proc)
+        for host in self.hosts.values():
+            subprocess.run(["ip", "netns", "delete", host.netns], capture_output=True, timeout=10)
+        subprocess.run(["ip", "netns", "delete", self._switch], capture_output=True, timeout=10)
