@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
+
+import pytest
 
 from pipeline_runner.cli import _parser
 from pipeline_runner.config_loader import parse_deployment
@@ -34,6 +37,26 @@ def test_the_first_commands_are_the_quick_start_and_the_test_command() -> None:
 
 
 def test_every_command_in_the_cli_table_exists() -> None:
-    documented = set(re.findall(r"\| `runner (\w+)", README))
+    documented = set(re.findall(r"\| `runner ([\w-]+)", README))
     subcommands = set(_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
     assert documented and documented <= subcommands
+
+
+def _runner_commands() -> list[str]:
+    """Every ``runner ...`` command in the README's bash blocks, as a user would type it."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+        for line in block.splitlines():
+            line = line.split(" #", 1)[0]
+            for match in re.finditer(r"(?:^|[\s{(;&])(runner [^&;|>}#]*)", line):
+                commands.append(match.group(1).strip().rstrip("'\""))
+    return commands
+
+
+@pytest.mark.parametrize("command", _runner_commands())
+def test_every_runner_command_in_the_readme_parses(command: str) -> None:
+    argv = shlex.split(command.replace("$NATS", "nats://10.0.0.1:4222"))[1:]
+    try:
+        _parser().parse_args(argv)
+    except SystemExit as exc:
+        pytest.fail(f"README command does not parse ({exc.code}): {command}")
