@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-plane-host", metavar="ADDR", help="interface the data plane listens on, reachable by the other hosts (overrides data_plane.host)")
     p.add_argument("--health-port", type=int, metavar="PORT", help="serve GET /healthz and /readyz on this port (0: any free port)")
     p.add_argument("--health-host", default="127.0.0.1", metavar="ADDR", help="interface of the health endpoints (default 127.0.0.1)")
-    p.add_argument("--log-dir", type=Path, help="directory for per-worker logs")
+    p.add_argument("--log-dir", type=Path, help="directory for per-worker logs; '-': the workers log to this command's output (containers, kubectl logs)")
     p.add_argument("--start-timeout", type=float, default=120.0, metavar="S", help="seconds a worker may take to become ready")
     p.set_defaults(func=_cmd_deploy)
 

@@ -34,12 +34,14 @@ _RESTART_MAX_S = 5.0
 # A worker that served this long after reporting ready is restarted at once when it dies (it
 # was killed, or a request crashed it); one dying sooner backs off, so a crash loop cannot spin.
 _STABLE_S = 1.0
+#: ``log_dir`` that sends every worker's log to the deployment's own output instead of files.
+LOG_TO_OUTPUT = "-"
 
 
 class WorkerProcess:
     """One worker: its spec, its current process and how often it was restarted."""
 
-    def __init__(self, spec: WorkerSpec, log_file: Path, cwd: Path):
+    def __init__(self, spec: WorkerSpec, log_file: Path | None, cwd: Path):
         self.spec = spec
         self.log_file = log_file
         self.cwd = cwd
@@ -65,8 +67,10 @@ class WorkerProcess:
         # The device pin goes into the environment, so it holds before the worker imports anything.
         placement = WorkerPlacement(self.spec.device, self.spec.gpu)
         env = dict(os.environ, **worker_environment(placement), **{STATUS_FD_ENV: str(write_fd)})
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_file, "ab") as log_out:
+        if self.log_file is not None:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        # No log file: the worker writes to the deployment's own output (e.g. for kubectl logs).
+        with open(self.log_file, "ab") if self.log_file is not None else contextlib.nullcontext() as log_out:
             try:
                 self.proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "pipeline_runner.worker",
@@ -139,6 +143,8 @@ class WorkerProcess:
         await self._wait(5.0)
 
     def _log_tail(self, lines: int = 3) -> str:
+        if self.log_file is None:
+            return "(its output is in the deployment's output above)"
         with contextlib.suppress(OSError):
             tail = self.log_file.read_text(errors="replace").strip().splitlines()[-lines:]
             return " | ".join(tail) or "(log is empty)"
@@ -149,7 +155,7 @@ class WorkerProcess:
             operator=self.spec.operator.name,
             index=self.spec.index,
             pid=self.pid,
-            log_file=str(self.log_file),
+            log_file=str(self.log_file) if self.log_file is not None else "-",
             restarts=self.restarts,
         )
 
@@ -267,7 +273,8 @@ class Deployment:
             device=placement.device,
             gpu=placement.gpu,
         )
-        return WorkerProcess(spec, self.log_dir / f"{op.name}.{index}.log", self.config.root)
+        log_file = None if str(self.log_dir) == LOG_TO_OUTPUT else self.log_dir / f"{op.name}.{index}.log"
+        return WorkerProcess(spec, log_file, self.config.root)
 
     async def _supervise(self, worker: WorkerProcess) -> None:
         """Restart ``worker`` whenever it exits while the deployment is running."""

@@ -428,6 +428,8 @@ def worker_args(
         "--data-plane-host", "0.0.0.0",
         "--health-port", str(health_port),
         "--health-host", "0.0.0.0",
+        # Worker logs on the container's output, where `kubectl logs` finds them.
+        "--log-dir", "-",
     ]  # fmt: skip
     return args
 

@@ -151,3 +151,28 @@ async def test_replicated_work_queues_survive_losing_one_of_three_cluster_member
     finally:
         for member in members:
             await member.stop()
+
+
+def test_log_dir_dash_puts_the_workers_logs_on_the_deployments_output(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [*RUNNER, "deploy", str(REPO_ROOT / "deployments" / "hello_world_python.yaml"),
+         "--only", "encoder", "--workers", "1", "--log-dir", "-"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "deploy exited:\n" + "".join(lines)
+            lines.append(line)
+            if "Press Ctrl-C" in line:
+                break
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    output = "".join(lines) + rest
+    assert "[encoder.0 pid=" in output and "serving pr.hello_world_python.encoder.v1" in output
+    assert "stopped after serving 0 requests" in output  # its shutdown, too
+    assert not (tmp_path / "state" / "hello_world_python" / "logs").exists()
