@@ -102,8 +102,9 @@ async def ensure_work_queue(nc: NATS, settings: WorkQueueSettings, wait_s: float
         except (nats.errors.TimeoutError, _Unavailable) as exc:
             if time.monotonic() >= deadline:
                 raise RunnerError(
-                    f"cannot set up the work queue {settings.stream}: JetStream did not answer for "
-                    f"{wait_s:g} s ({exc}); is a majority of the NATS cluster up?"
+                    f"cannot set up the work queue {settings.stream}: JetStream could not for "
+                    f"{wait_s:g} s ({exc}); is a majority of the NATS cluster up, and are there "
+                    f"at least {settings.replicas} members (delivery.replicas)?"
                 ) from None
             log.info("waiting for JetStream to set up %s (%s)", settings.stream, exc)
             await asyncio.sleep(0.5)
@@ -113,8 +114,9 @@ class _Unavailable(Exception):
     """JetStream answered that it cannot serve the request now (no leader yet)."""
 
 
-# "JetStream system temporarily unavailable", "stream/consumer leader not elected"-like answers.
-_ERR_TEMPORARY = {10008}
+# "JetStream system temporarily unavailable" (no leader yet), and "no suitable peers for
+# placement" (a replicated stream while members are still joining the cluster).
+_ERR_TEMPORARY = {10008, 10005}
 
 
 async def _ensure_work_queue(nc: NATS, settings: WorkQueueSettings) -> None:

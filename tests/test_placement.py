@@ -201,7 +201,7 @@ def test_under_cuda_visible_devices_gpu_n_is_its_nth_entry() -> None:
 
 def test_the_probe_reports_what_cupy_finds_here_without_importing_cupy_in_this_process() -> None:
     inventory = probe_gpus()
-    assert inventory.cupy_version is not None, inventory.problem  # the dev environment has CuPy
+    assert inventory.cupy_version is not None, inventory.problem  # the dev extra installs CuPy
     if HAS_GPU:
         assert inventory.count >= 1 and inventory.problem is None
     else:
