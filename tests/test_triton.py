@@ -45,6 +45,17 @@ async def test_a_python_operator_fans_out_to_two_triton_models(nats_url: str) ->
             np.testing.assert_allclose(await response.array("quotient"), (a + b) / (a * b), rtol=1e-6)
 
 
+async def test_string_half_float_and_bool_tensors_cross_a_triton_operator(nats_url: str) -> None:
+    config = make_config(triton("strings"))
+    async with running(config, nats_url) as deployment, connected(deployment, timeout_s=60) as conn:
+        text = np.array([b"ab", b"Triton", b""], dtype=object)
+        num = np.array([0.5, 1.5, 3.0], dtype=np.float16)
+        response = await conn.operator("strings").infer({"text": text, "num": num})
+        assert list(await response.array("upper")) == [b"AB", b"TRITON", b""]
+        np.testing.assert_array_equal(await response.array("twice"), num * 2)
+        assert list(await response.array("flag")) == [False, True, True]
+
+
 async def test_config_overrides_reach_tritons_model_config(nats_url: str) -> None:
     overrides = {
         "instance_group": [{"count": 2, "kind": "KIND_CPU"}],

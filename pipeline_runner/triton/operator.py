@@ -26,8 +26,14 @@ log = logging.getLogger(__name__)
 
 
 def _tensor_types(specs: Any) -> dict[str, str]:
-    """name -> Triton datatype ('INT32', 'FP32', ...) of a config's inputs or outputs."""
-    return {spec.name: model_config_pb2.DataType.Name(spec.data_type).removeprefix("TYPE_") for spec in specs}
+    """name -> Triton datatype ('INT32', 'FP32', 'BYTES', ...) of a config's inputs or outputs."""
+    return {spec.name: _datatype(spec.data_type) for spec in specs}
+
+
+def _datatype(config_type: int) -> str:
+    # The config says TYPE_STRING where the inference protocol says BYTES.
+    name = model_config_pb2.DataType.Name(config_type).removeprefix("TYPE_")
+    return "BYTES" if name == "STRING" else name
 
 
 def _triton_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
