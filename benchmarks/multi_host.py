@@ -46,15 +46,6 @@ def deployment_file(directory: Path, name: str) -> Path:
     return path
 
 
-def ready(net: Network, host: str, port: int) -> bool:
-    probe = (
-        "import urllib.request,sys\n"
-        f"try: sys.exit(0 if urllib.request.urlopen('http://{net.hosts[host].address}:{port}/readyz', timeout=2).status == 200 else 1)\n"
-        "except Exception: sys.exit(1)"
-    )
-    return net.run(host, [sys.executable, "-c", probe], timeout_s=20).returncode == 0
-
-
 def client(net: Network, host: str, deployment: str, nats: str, size: int, requests: int, work: Path) -> dict[str, Any]:
     out = work / f"{deployment}-{size}-{time.monotonic_ns()}.json"
     argv = RUNNER + [
@@ -101,7 +92,7 @@ def main() -> None:
         deadline = time.monotonic() + 180
         waiting = set(layouts)
         while waiting and time.monotonic() < deadline:
-            waiting = {h for h in waiting if not ready(net, h, 8080)}
+            waiting = {h for h in waiting if not net.ready(h, 8080)}
             time.sleep(0.5)
         if waiting:
             raise SystemExit(f"not ready: {sorted(waiting)}; logs in {work / 'logs'}")

@@ -89,6 +89,7 @@ class RequestPlane:
         self._journal_bytes = 0
         self._confirmed_at = 0.0  # when the last flush that came back was sent
         self._confirmer: asyncio.Task[None] | None = None
+        self._resending: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def connect(
@@ -220,7 +221,9 @@ class RequestPlane:
         for stream in list(self._streams.values()):
             if stream._may_resend():
                 self.resent_requests += 1
-                asyncio.create_task(stream._resend())
+                task = asyncio.create_task(stream._resend())
+                self._resending.add(task)  # the loop keeps only weak references to tasks
+                task.add_done_callback(self._resending.discard)
 
     async def _on_response(self, msg: Msg) -> None:
         request_id = msg.subject.rsplit(".", 1)[-1]
@@ -290,16 +293,20 @@ class RequestPlane:
         await self.publish(subject, payload)
         if not final:
             return
-        now = time.monotonic()
-        self._journal.append((now, subject, payload))
+        self._journal.append((time.monotonic(), subject, payload))
         self._journal_bytes += len(payload)
-        while self._journal and (
-            self._journal_bytes > _JOURNAL_MAX_BYTES
-            or (self._journal[0][0] < now - _JOURNAL_S and self._journal[0][0] < self._confirmed_at)
-        ):
-            self._journal_bytes -= len(self._journal.popleft()[2])
+        self._trim_journal()
         if self._confirmer is None:
             self._confirmer = asyncio.create_task(self._confirm())
+
+    def _trim_journal(self) -> None:
+        old = time.monotonic() - _JOURNAL_S
+        journal = self._journal
+        while journal and (
+            self._journal_bytes > _JOURNAL_MAX_BYTES
+            or (journal[0][0] < old and journal[0][0] < self._confirmed_at)
+        ):
+            self._journal_bytes -= len(journal.popleft()[2])
 
     async def _confirm(self) -> None:
         # A flush that comes back proves the server took everything published before it.
@@ -311,6 +318,7 @@ class RequestPlane:
             with contextlib.suppress(Exception):
                 await self._nc.flush(timeout=2)
                 self._confirmed_at = sent
+            self._trim_journal()
 
     async def _republish_journal(self) -> None:
         for _, subject, payload in list(self._journal):

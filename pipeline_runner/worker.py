@@ -308,6 +308,12 @@ class Worker:
     def _refuse_redelivery(self, attempt: int) -> str | None:
         """Why a request delivered for the ``attempt``-th time must not run, if it must not."""
         op = self.spec.operator
+        if attempt > 1 and op.delivery.mode == "at_most_once":
+            return (
+                "its caller lost its NATS connection and sent this request again; operator "
+                f"{op.name!r} has delivery.mode 'at_most_once', so it was not run again (an "
+                "earlier run's answer may have been lost with the connection)"
+            )
         if attempt > 1 and not op.delivery.idempotent:
             return (
                 "this request was delivered again (the worker handling it died, or its caller "

@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -111,6 +112,16 @@ class Network:
             ["ip", "netns", "exec", self.hosts[host].netns, *argv],
             capture_output=True, text=True, timeout=timeout_s, env={**os.environ, **(env or {})},
         )  # fmt: skip
+
+    def ready(self, host: str, port: int) -> bool:
+        """Whether a deployment on ``host`` answers 200 on ``GET /readyz`` at ``port``."""
+        url = f"http://{self.hosts[host].address}:{port}/readyz"
+        probe = (
+            "import sys, urllib.request\n"
+            f"try: sys.exit(0 if urllib.request.urlopen({url!r}, timeout=2).status == 200 else 1)\n"
+            "except Exception: sys.exit(1)"
+        )
+        return self.run(host, [sys.executable, "-c", probe], timeout_s=20).returncode == 0
 
     def rx_bytes(self, host: str) -> int:
         """Bytes received on ``host``'s network interface so far."""

@@ -50,15 +50,6 @@ def _nats(net: Network, *hosts: str) -> str:
     return ",".join(f"nats://{net.hosts[h].address}:4222" for h in hosts)
 
 
-def _ready(net: Network, host: str) -> bool:
-    probe = (
-        "import urllib.request,sys\n"
-        f"try: sys.exit(0 if urllib.request.urlopen('http://{net.hosts[host].address}:8080/readyz', timeout=2).status == 200 else 1)\n"
-        "except Exception: sys.exit(1)"
-    )
-    return net.run(host, [sys.executable, "-c", probe], timeout_s=20).returncode == 0
-
-
 def _worker_stats(net: Network, expected: int) -> list[dict[str, Any]]:
     script = (
         "import asyncio, json\n"
@@ -115,7 +106,7 @@ def cluster(tmp_path: Path):
         deadline = time.monotonic() + 180
         waiting = set(placement)
         while waiting and time.monotonic() < deadline:
-            waiting = {host for host in waiting if not _ready(net, host)}
+            waiting = {host for host in waiting if not net.ready(host, 8080)}
             time.sleep(0.5)
         logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted((tmp_path / "logs").glob("*.log")))
         assert not waiting, f"not ready after 180 s: {sorted(waiting)}\n{logs}"

@@ -20,7 +20,7 @@ import nats
 import pytest
 
 from pipeline_runner.deployment import Deployment
-from pipeline_runner.errors import RunnerError
+from pipeline_runner.errors import OperatorError, RunnerError
 from pipeline_runner.health import HealthServer
 from pipeline_runner.nats_server import ClusterSpec, NatsServer
 
@@ -176,3 +176,31 @@ def test_log_dir_dash_puts_the_workers_logs_on_the_deployments_output(tmp_path: 
     assert "[encoder.0 pid=" in output and "serving pr.hello_world_python.encoder.v1" in output
     assert "stopped after serving 0 requests" in output  # its shutdown, too
     assert not (tmp_path / "state" / "hello_world_python" / "logs").exists()
+
+
+async def test_a_request_sent_again_after_a_reconnect_runs_again_only_where_that_is_safe(nats_url: str) -> None:
+    config = make_config(
+        op("again", "echo:Echo"),
+        op("amo", "echo:Echo", delivery={"mode": "at_most_once"}),
+        op("once", "echo:Echo", delivery={"idempotent": False}),
+    )
+    async with running(config, nats_url) as deployment, connected(deployment) as conn:
+
+        async def resent(name: str):
+            call = asyncio.create_task(conn.operator(name).infer(parameters={"sleep": 0.5}))
+            await asyncio.sleep(0.2)  # the worker holds it now
+            conn.plane._resend_open_requests()  # what the plane does when its connection comes back
+            return await call
+
+        # Idempotent, at least once: both runs answer; the caller takes the first and drops the other.
+        assert (await resent("again")).parameters["sleep"] == 0.5
+        assert conn.plane.resent_requests == 1
+        deadline = time.monotonic() + 5
+        while conn.plane.late_responses < 1:
+            assert time.monotonic() < deadline, "the second run never answered"
+            await asyncio.sleep(0.05)
+        # At most once, or not idempotent: the resend is refused rather than run twice.
+        for name, why in (("amo", "at_most_once"), ("once", "not idempotent")):
+            with pytest.raises(OperatorError) as caught:
+                await resent(name)
+            assert caught.value.code == "worker_lost" and why in caught.value.message
