@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -13,17 +12,12 @@ import numpy as np
 from pipeline_runner import RunnerError
 from pipeline_runner.nats_server import NatsServer
 
-from .conftest import connected, make_config, op, running
+from .conftest import connected, free_port, make_config, op, running
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_a_nats_restart_mid_run_ends_every_request_and_serving_resumes(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     server = NatsServer(tmp_path / "nats", port=port)
     url = await server.start()
     config = make_config(op("echo", "echo:Echo", workers=2))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -24,14 +23,9 @@ from pipeline_runner.errors import OperatorError, RunnerError
 from pipeline_runner.health import HealthServer
 from pipeline_runner.nats_server import ClusterSpec, NatsServer
 
-from .conftest import REPO_ROOT, connected, make_config, op, running
+from .conftest import REPO_ROOT, connected, free_port, make_config, op, running
 from .test_cli import RUNNER, runner
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _chain():
@@ -94,7 +88,7 @@ async def test_readyz_says_ready_only_while_every_local_worker_is(nats_url: str)
 
 
 def test_runner_nats_server_serves_until_ctrl_c(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [*RUNNER, "nats-server", "--port", str(port), "--cluster-port", "0", "--store-dir", str(tmp_path / "js")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -124,7 +118,7 @@ def test_runner_nats_server_wants_a_cluster_port_for_routes() -> None:
 
 
 async def test_replicated_work_queues_survive_losing_one_of_three_cluster_members(tmp_path: Path) -> None:
-    ports = [_free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(3)]
     members = [
         NatsServer(
             tmp_path / f"n{i}", server_name=f"n{i}",

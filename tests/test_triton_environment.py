@@ -6,7 +6,6 @@ installed once per machine (CI included).
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import pytest
 
 from pipeline_runner.triton.environment import TritonInstallation, find_triton, setup_triton
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, free_port
 
 # The first setup downloads about 60 MB; that can outlast the default 300 s timeout on a slow link.
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(900)]
@@ -58,11 +57,6 @@ def installation() -> TritonInstallation:
     return setup_triton()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ready(url: str) -> bool:
     try:
@@ -77,7 +71,7 @@ def server(installation: TritonInstallation, tmp_path: Path) -> Iterator[tuple[s
     """A started tritonserver with an empty repository (explicit model control): (host:port, repo)."""
     repo = tmp_path / "models"
     repo.mkdir()
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     log = tmp_path / "tritonserver.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
