@@ -18,24 +18,22 @@ pick_engine() {
   case $wanted in
     podman | docker)
       command -v "$wanted" >/dev/null 2>&1 || die "$wanted is not installed: install podman (apt-get install podman runc) or docker"
-      if [[ $wanted == docker ]] && ! docker info >/dev/null 2>&1; then
-        die "docker is installed but its daemon does not answer ('docker info' failed): start it, or install podman (apt-get install podman runc)"
-      fi
-      ENGINE=$wanted
       ;;
     '')
       if command -v podman >/dev/null 2>&1; then
-        ENGINE=podman
+        wanted=podman
       elif command -v docker >/dev/null 2>&1; then
-        docker info >/dev/null 2>&1 ||
-          die "docker is installed but its daemon does not answer ('docker info' failed): start it, or install podman (apt-get install podman runc)"
-        ENGINE=docker
+        wanted=docker
       else
         die "no container engine found: install podman (apt-get install podman runc) or docker"
       fi
       ;;
     *) usage_error "unknown engine '$wanted': podman or docker" ;;
   esac
+  if [[ $wanted == docker ]] && ! docker info >/dev/null 2>&1; then
+    die "docker is installed but its daemon does not answer ('docker info' failed): start it, or install podman (apt-get install podman runc)"
+  fi
+  ENGINE=$wanted
   ENGINE_ARGS=()
   if [[ $ENGINE == podman ]]; then
     # crun, podman's usual runtime, cannot start containers where the engine lacks
