@@ -65,6 +65,9 @@ class GpuInventory:
     seconds: float = 0.0
     #: True when the probe itself failed (hung, crashed): ``problem`` says how.
     probe_failed: bool = False
+    #: Why NVRTC, which CuPy compiles its kernels with, cannot be loaded; None when it can (or
+    #: CuPy is missing). Without it GPU arrays work but kernels fail at their first launch.
+    nvrtc_problem: str | None = None
 
     @property
     def summary(self) -> str:
@@ -97,7 +100,13 @@ try:
     count, problem = int(cupy.cuda.runtime.getDeviceCount()), None
 except BaseException as exc:
     count, problem = 0, f"{type(exc).__name__}: {exc}"
-print(json.dumps({"cupy": cupy.__version__, "count": count, "problem": problem}))
+try:
+    from cupy_backends.cuda.libs import nvrtc
+    nvrtc.getVersion()
+    nvrtc_problem = None
+except BaseException as exc:
+    nvrtc_problem = f"{type(exc).__name__}: {str(exc).strip()}"
+print(json.dumps({"cupy": cupy.__version__, "count": count, "problem": problem, "nvrtc_problem": nvrtc_problem}))
 """
 
 
@@ -128,7 +137,10 @@ def probe_gpus(
     lines = done.stdout.strip().splitlines()
     try:
         found = json.loads(lines[-1])
-        return GpuInventory(int(found["count"]), found["cupy"], found["problem"], visible, seconds)
+        return GpuInventory(
+            int(found["count"]), found["cupy"], found["problem"], visible, seconds,
+            nvrtc_problem=found.get("nvrtc_problem"),
+        )  # fmt: skip
     except (IndexError, ValueError, KeyError, TypeError):
         # The interpreter died before answering (e.g. a crash inside CUDA): quote what it said.
         said = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -155,6 +167,7 @@ class Placer:
         self._source = source
         self._inventory: GpuInventory | None = None
         self._devices: dict[str, Device] = {}
+        self._warned_nvrtc = False
 
     @property
     def inventory(self) -> GpuInventory:
@@ -206,6 +219,7 @@ class Placer:
                     "operator %s: device %s -> gpu; its workers take GPUs %s round-robin",
                     op.name, op.device, ", ".join(map(str, gpus)),
                 )  # fmt: skip
+                self._warn_without_nvrtc(inventory)
         self._devices[op.name] = resolved
         return resolved
 
@@ -214,6 +228,16 @@ class Placer:
         if self.device(op) == "cpu":
             return WorkerPlacement("cpu")
         return WorkerPlacement("gpu", self._gpu(op, index, self.inventory))
+
+    def _warn_without_nvrtc(self, inventory: GpuInventory) -> None:
+        # A warning, not an error: operators that only move arrays run fine without NVRTC.
+        if inventory.nvrtc_problem and not self._warned_nvrtc:
+            self._warned_nvrtc = True
+            log.warning(
+                "NVRTC cannot be loaded (%s): GPU operators can hold CuPy arrays, but CuPy kernels "
+                "(hello_world's among them) will fail at their first launch. %s brings it.",
+                inventory.nvrtc_problem, INSTALL_HINT,
+            )  # fmt: skip
 
     @staticmethod
     def _gpu(op: OperatorConfig, index: int, inventory: GpuInventory) -> int:

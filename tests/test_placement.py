@@ -207,6 +207,35 @@ def test_the_probe_reports_what_cupy_finds_here_without_importing_cupy_in_this_p
     else:
         assert inventory.count == 0 and "found no CUDA device" in inventory.summary and inventory.problem
     assert inventory.seconds < 30
+    assert inventory.nvrtc_problem is None  # the dev extra installs NVRTC, as the gpu extra does
+
+
+def test_the_probe_reports_a_missing_nvrtc(tmp_path: Path) -> None:
+    # As if NVRTC were not installed: CuPy's library finder (cuda-pathfinder) says it is not found.
+    (tmp_path / "sitecustomize.py").write_text(
+        "from cuda import pathfinder\n"
+        "_load = pathfinder.load_nvidia_dynamic_lib\n"
+        "def _without_nvrtc(name):\n"
+        "    if name == 'nvrtc':\n"
+        "        raise pathfinder.DynamicLibNotFoundError('libnvrtc.so: not found (test)')\n"
+        "    return _load(name)\n"
+        "pathfinder.load_nvidia_dynamic_lib = _without_nvrtc\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    inventory = probe_gpus(env=env)
+    assert inventory.cupy_version is not None
+    assert inventory.nvrtc_problem is not None and "libnvrtc.so: not found (test)" in inventory.nvrtc_problem
+
+
+def test_gpu_operators_without_nvrtc_get_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    without_nvrtc = GpuInventory(count=1, cupy_version="14.2.0", nvrtc_problem="DynamicLibNotFoundError: libnvrtc")
+    with caplog.at_level(logging.WARNING, logger="pipeline_runner.placement"):
+        Placer(lambda: without_nvrtc).check([operator("enc", device="gpu"), operator("dec", device="auto")])
+        Placer(lambda: ONE_GPU).check([operator("enc", device="gpu")])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "NVRTC cannot be loaded (DynamicLibNotFoundError: libnvrtc)" in warnings[0]
+    assert "pip install -e '.[gpu]'" in warnings[0]
 
 
 def test_the_probe_honours_cuda_visible_devices() -> None:
