@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from collections import Counter
 from pathlib import Path
@@ -173,15 +174,22 @@ def _cmd_status(args: argparse.Namespace) -> int:
         )
         stats = asyncio.run(_worker_stats(state, len(state.workers)))
         table = Table(show_header=True)
-        columns = ("worker", "pid", "device", "restarts", "served", "unfinished", "cancelled", "redelivered", "tensors held")
+        columns = (
+            "worker", "host", "pid", "device", "restarts", "served", "unfinished", "cancelled", "redelivered",
+            "tensors held",
+        )  # fmt: skip
         for column in columns:
-            table.add_column(column, justify="left" if column == "worker" else "right", no_wrap=True)
-        restarts = {f"{w.operator}.{w.index}": w.restarts for w in state.workers}
-        for s in sorted(stats, key=lambda s: s["worker"]):
+            table.add_column(column, justify="left" if column in ("worker", "host") else "right", no_wrap=True)
+        # Workers of the same deployment on other hosts answer too, with the same names (each host
+        # numbers its own from 0): only this host's state file knows restarts, by pid.
+        here = socket.gethostname()
+        restarts = {w.pid: w.restarts for w in state.workers if w.pid}
+        for s in sorted(stats, key=lambda s: (s["worker"], s.get("host", ""), s["pid"])):
+            local = s.get("host") == here and s["pid"] in restarts
             table.add_row(
-                s["worker"], str(s["pid"]), _device_label(s), str(restarts.get(s["worker"], "?")), str(s["served"]),
-                str(s["unfinished"]), str(s["cancelled"]), str(s.get("redelivered", 0)),
-                str(s["data_plane"]["stored_tensors"]),
+                s["worker"], str(s.get("host", "?")), str(s["pid"]), _device_label(s),
+                str(restarts[s["pid"]]) if local else "-", str(s["served"]), str(s["unfinished"]),
+                str(s["cancelled"]), str(s.get("redelivered", 0)), str(s["data_plane"]["stored_tensors"]),
             )  # fmt: skip
         Console(width=max(Console().width, 120)).print(table)
         if len(stats) < alive:

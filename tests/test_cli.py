@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -199,5 +200,9 @@ def test_status_lists_the_running_deployment_and_its_workers_counters() -> None:
         result = runner("status", timeout=30)
     assert result.returncode == 0, result.stderr
     assert "hello_world: pid" in result.stdout and "6/6 workers" in result.stdout
+    rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 5}
     for worker in ("encoder.0", "encoder.1", "decoder.0", "decoder.1", "encoder_decoder.0", "encoder_decoder.1"):
-        assert worker in result.stdout
+        cells = [cell.strip() for cell in rows[worker].split("│")[1:-1]]
+        assert cells[1] == socket.gethostname()  # host
+        assert cells[2].isdigit()  # pid
+        assert cells[4] == "0"  # restarts: known for this host's workers
