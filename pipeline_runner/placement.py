@@ -167,7 +167,6 @@ class Placer:
         self._source = source
         self._inventory: GpuInventory | None = None
         self._devices: dict[str, Device] = {}
-        self._warned_nvrtc = False
 
     @property
     def inventory(self) -> GpuInventory:
@@ -175,6 +174,14 @@ class Placer:
         if self._inventory is None:
             self._inventory = self._probe()
             log.info("GPU detection: %s, in %.2f s", self._inventory.summary, self._inventory.seconds)
+            # Probed only for gpu/auto operators, which take a GPU whenever one is found. A
+            # warning, not an error: operators that only move arrays run fine without NVRTC.
+            if self._inventory.count and self._inventory.nvrtc_problem:
+                log.warning(
+                    "NVRTC cannot be loaded (%s): GPU operators can hold CuPy arrays, but CuPy kernels "
+                    "(hello_world's among them) will fail at their first launch. %s brings it.",
+                    self._inventory.nvrtc_problem, INSTALL_HINT,
+                )  # fmt: skip
         return self._inventory
 
     def check(self, operators: Sequence[OperatorConfig]) -> None:
@@ -219,7 +226,6 @@ class Placer:
                     "operator %s: device %s -> gpu; its workers take GPUs %s round-robin",
                     op.name, op.device, ", ".join(map(str, gpus)),
                 )  # fmt: skip
-                self._warn_without_nvrtc(inventory)
         self._devices[op.name] = resolved
         return resolved
 
@@ -228,16 +234,6 @@ class Placer:
         if self.device(op) == "cpu":
             return WorkerPlacement("cpu")
         return WorkerPlacement("gpu", self._gpu(op, index, self.inventory))
-
-    def _warn_without_nvrtc(self, inventory: GpuInventory) -> None:
-        # A warning, not an error: operators that only move arrays run fine without NVRTC.
-        if inventory.nvrtc_problem and not self._warned_nvrtc:
-            self._warned_nvrtc = True
-            log.warning(
-                "NVRTC cannot be loaded (%s): GPU operators can hold CuPy arrays, but CuPy kernels "
-                "(hello_world's among them) will fail at their first launch. %s brings it.",
-                inventory.nvrtc_problem, INSTALL_HINT,
-            )  # fmt: skip
 
     @staticmethod
     def _gpu(op: OperatorConfig, index: int, inventory: GpuInventory) -> int:
