@@ -466,6 +466,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(1.0)
             after = cpu_seconds(everything)
             idle = {k: round((after[k] - before[k]) * 100, 2) for k in before if after[k] - before[k] > 0}
+            started_pids = sorted({pid for pids in everything.values() for pid in pids} - {os.getpid()})
             client_baseline: dict[str, float] = {}
             for round_index in range(args.rounds):
                 for concurrency in args.concurrency:
@@ -493,6 +494,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "cpus": os.cpu_count(), "setup_s": round(setup_s, 1),
         },
         "idle_cpu_percent": idle,
+        "pids": started_pids,  # every process measured: all stopped by now
         "labels": {k: ALL_ROWS[k] for k in keys},
         "rows": summary,
         "samples": results,
