@@ -197,7 +197,8 @@ def hello_world_variant(base: Any, name: str, mode: str | None) -> Any:
 
 
 async def run_client(
-    url: str, deployment: str, concurrency: int, requests: int, roles: dict[str, list[int]], workdir: Path
+    url: str, deployment: str, concurrency: int, requests: int, roles: dict[str, list[int]], workdir: Path,
+    variant: str = "",
 ) -> dict[str, Any]:
     """``runner client`` on a pseudo-terminal, as a user runs it.
 
@@ -208,9 +209,11 @@ async def run_client(
     args = [
         sys.executable, "-m", "pipeline_runner.cli", "client", "--nats", url, "--deployment", deployment,
         "--requests", str(requests), "--concurrency", str(concurrency), "--json", str(out),
+        *(["--no-check"] if variant == "no_check" else []),
     ]  # fmt: skip
     env = dict(os.environ, TERM=os.environ.get("TERM", "xterm-256color"))
-    master, slave = pty.openpty()
+    # A terminal, as a user has; with variant "no_tty" a pipe (rich then draws no progress bar).
+    master, slave = os.pipe() if variant == "no_tty" else pty.openpty()
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
     os.close(slave)
     watched = {**roles, "caller": [proc.pid]}
@@ -267,6 +270,10 @@ async def measure_caller_row(row: Row, concurrency: int, args: argparse.Namespac
     }  # fmt: skip
 
 
+def client_variant(key: str) -> str:
+    return key.removeprefix("runner_client").removeprefix("_")
+
+
 async def measure_client_row(
     row: Row, concurrency: int, args: argparse.Namespace, url: str, rate: float | None,
     baseline: dict[str, float], workdir: Path,
@@ -274,7 +281,7 @@ async def measure_client_row(
     # Bounded like the other rows: as many requests as fit in --max-seconds at the library's rate.
     n = args.requests if rate is None else min(args.requests, int(rate * args.max_seconds))
     n = max(n, 4 * concurrency, 10)
-    run = await run_client(url, "hello_world_python", concurrency, n, row.roles, workdir)
+    run = await run_client(url, "hello_world_python", concurrency, n, row.roles, workdir, client_variant(row.key))
     summary = run["summary"]
     if summary["ok"] != n:
         raise RuntimeError(f"runner client: {summary['ok']} of {n} ok: {summary['errors']}")
@@ -303,6 +310,21 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "cpu_us_by_process": {r: statistics.median(s["cpu_us"][r] for s in samples) for r in roles},
         **({"client_startup_cpu_s": samples[0]["client_startup_cpu_s"]} if "client_startup_cpu_s" in samples[0] else {}),
     }  # fmt: skip
+
+
+async def idle_cpu_percent(rows: list[Row], seconds: float) -> dict[str, float]:
+    """CPU % of each process role while nothing is measured: background that every row pays."""
+    roles: dict[str, list[int]] = {"nats-server": rows[0].roles["nats-server"], "this process": [os.getpid()]}
+    for row in rows:
+        for role, pids in row.roles.items():
+            if role not in roles:
+                roles[f"{row.key}:{role}"] = pids
+        if row.caller is not None:
+            roles[f"{row.key}:caller"] = [row.caller.pid]
+    before = cpu_seconds(roles)
+    await asyncio.sleep(seconds)
+    after = cpu_seconds(roles)
+    return {role: round((after[role] - before[role]) / seconds * 100, 2) for role in roles}
 
 
 def ratios(results: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -354,7 +376,10 @@ ALL_ROWS = {
     "hello_world_amo": "hello_world_python via library, at_most_once",
     "hello_world_uvloop": "hello_world_python via library, uvloop everywhere",
     "runner_client": "runner client -> hello_world_python",
+    "runner_client_no_check": "runner client --no-check",
+    "runner_client_no_tty": "runner client, output to a pipe (no progress bar)",
 }
+DEFAULT_ROWS = [k for k in ALL_ROWS if k not in ("runner_client_no_check", "runner_client_no_tty")]
 
 
 async def setup(args: argparse.Namespace, keys: list[str], procs: Processes, workdir: Path, stack: contextlib.AsyncExitStack) -> tuple[str, list[Row]]:
@@ -432,7 +457,7 @@ async def setup(args: argparse.Namespace, keys: list[str], procs: Processes, wor
             await library(key, hello_world_variant(hw_base, "hw_at_most_once", "at_most_once"), "encoder_decoder")
         elif key == "hello_world_uvloop":
             await library(key, hello_world_variant(hw_base, "hw_uvloop", None), "encoder_decoder", uvloop=True)
-        elif key == "runner_client":
+        elif key.startswith("runner_client"):
             rows.append(Row(key, ALL_ROWS[key], None, {**base_roles, **deployment_roles(hw)}))
     return url, rows
 
@@ -444,8 +469,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     except ImportError:
         print("uvloop is not installed: the uvloop rows are left out (pip install uvloop)")
         keys = [k for k in keys if "uvloop" not in k]
-    if "runner_client" in keys and "hello_world" not in keys:
-        keys.insert(keys.index("runner_client"), "hello_world")
+    if any(k.startswith("runner_client") for k in keys) and "hello_world" not in keys:
+        keys.insert(0, "hello_world")
     task = asyncio.current_task()
     assert task is not None
     # SIGTERM ends the run like Ctrl-C: the task is cancelled and everything started is stopped.
@@ -462,23 +487,20 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             setup_s = time.perf_counter() - t0
             everything = {f"{r.key}:{role}": pids for r in rows for role, pids in r.roles.items()}
             everything.update({f"{r.key}:caller": [r.caller.pid] for r in rows if r.caller})
-            before = cpu_seconds(everything)
-            await asyncio.sleep(1.0)
-            after = cpu_seconds(everything)
-            idle = {k: round((after[k] - before[k]) * 100, 2) for k in before if after[k] - before[k] > 0}
             started_pids = sorted({pid for pids in everything.values() for pid in pids} - {os.getpid()})
-            client_baseline: dict[str, float] = {}
+            idle = await idle_cpu_percent(rows, args.idle_seconds)
+            client_baseline: dict[str, dict[str, float]] = {}
             for round_index in range(args.rounds):
                 for concurrency in args.concurrency:
                     for row in rows:
                         if row.caller is not None:
                             sample = await measure_caller_row(row, concurrency, args)
                         else:
-                            if round_index == 0 and concurrency == args.concurrency[0]:
-                                one = await run_client(url, "hello_world_python", 1, 1, row.roles, workdir)
-                                client_baseline = one["cpu_s"]
+                            if row.key not in client_baseline:
+                                one = await run_client(url, "hello_world_python", 1, 1, row.roles, workdir, client_variant(row.key))
+                                client_baseline[row.key] = one["cpu_s"]
                             rate = results["hello_world"][concurrency][-1]["req_per_s"]
-                            sample = await measure_client_row(row, concurrency, args, url, rate, client_baseline, workdir)
+                            sample = await measure_client_row(row, concurrency, args, url, rate, client_baseline[row.key], workdir)
                         results[row.key][concurrency].append(sample)
                         print(
                             f"round {round_index + 1} {row.key:<20} c={concurrency:<3} {sample['req_per_s']:8.0f} req/s "
@@ -510,8 +532,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=200, help="requests before each measurement")
     parser.add_argument("--rounds", type=int, default=2, help="alternating measurements per row and concurrency")
     parser.add_argument("--size", type=int, default=1024, help="int32 elements per request")
+    parser.add_argument("--idle-seconds", type=float, default=5.0, help="window of the idle (background) CPU reading")
     parser.add_argument("--workers", type=int, default=2, help="processes per stage of the raw chains")
-    parser.add_argument("--rows", type=lambda s: s.split(","), default=list(ALL_ROWS), help=f"comma-separated subset of {','.join(ALL_ROWS)}")
+    parser.add_argument("--rows", type=lambda s: s.split(","), default=DEFAULT_ROWS, help=f"comma-separated subset of {','.join(ALL_ROWS)} (default: all but the runner_client_no_* variants)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (few requests, 1 and 8 in flight)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
@@ -520,6 +543,7 @@ def main() -> None:
         parser.error(f"unknown rows {sorted(unknown)}; choose from {', '.join(ALL_ROWS)}")
     if args.quick:
         args.concurrency, args.requests, args.max_seconds, args.warmup, args.rounds = [1, 8], 200, 1.0, 10, 1
+        args.idle_seconds = 1.0
     report = asyncio.run(main_async(args))
     title = f"one hop, {args.size} int32 per request ({os.cpu_count()} CPUs, medians of {args.rounds} rounds)"
     print_table(report["rows"], report["labels"], title)
