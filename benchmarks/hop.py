@@ -14,12 +14,15 @@ Rows (each at every ``--concurrency``, 1024 int32 per request like ``runner clie
   ``hello_world_uvloop``: the same file with every worker and the caller on uvloop (through a
   ``sitecustomize`` on PYTHONPATH; the library is unchanged);
 * ``runner_client``: ``runner client`` (a subprocess on a pseudo-terminal, as a user runs it:
-  answer checks and progress bar) against hello_world.
+  answer checks and progress bar) against hello_world; on request (``--rows``) also
+  ``runner_client_no_check`` (``--no-check``) and ``runner_client_no_tty`` (output to a pipe,
+  so no progress bar is drawn).
 
 Every row reports req/s, p50, p99 and CPU time per request summed over every process involved
 (nats-server, workers or responders, the caller, this process), read from /proc around the
-timed section, with the caller's own share apart. All deployments run at once on one
-nats-server and the rows alternate, ``--rounds`` times; the table shows medians.
+timed section, with the caller's own share apart, and the messages nats-server took in and sent
+out per request (its ``/varz`` counters). All deployments run at once on one nats-server and
+the rows alternate, ``--rounds`` times; the table shows medians.
 
     python benchmarks/hop.py [--requests 2000] [--max-seconds 6] [--rounds 2] [--json out.json]
     python benchmarks/hop.py --quick            # a short smoke run
@@ -36,12 +39,14 @@ import os
 import pty
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +64,18 @@ SITECUSTOMIZE_UVLOOP = (
 )
 
 
+class NatsMonitor:
+    """Message counters of the nats-server, from its monitoring endpoint (``/varz``)."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def counts(self) -> dict[str, int]:
+        with urllib.request.urlopen(f"{self.url}/varz", timeout=5) as answer:
+            varz = json.load(answer)
+        return {k: varz[k] for k in ("in_msgs", "out_msgs", "in_bytes", "out_bytes")}
+
+
 @dataclass
 class Row:
     """One path to measure: who calls, and which processes' CPU counts."""
@@ -67,6 +84,7 @@ class Row:
     label: str
     caller: Caller | None = None  # None: runner client, started per measurement
     roles: dict[str, list[int]] = field(default_factory=dict)
+    monitor: NatsMonitor | None = None
 
 
 class Caller:
@@ -125,6 +143,12 @@ class Processes:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def cpu_seconds(roles: dict[str, list[int]]) -> dict[str, float]:
@@ -260,13 +284,17 @@ async def measure_caller_row(row: Row, concurrency: int, args: argparse.Namespac
     assert row.caller is not None
     await row.caller.command("warm", concurrency, max(args.warmup, concurrency), min(2.0, args.max_seconds))
     roles = {**row.roles, "caller": [row.caller.pid]}
+    msgs0 = row.monitor.counts() if row.monitor else {}
     before = cpu_seconds(roles)
     result = await row.caller.command("run", concurrency, args.requests, args.max_seconds)
     after = cpu_seconds(roles)
+    msgs1 = row.monitor.counts() if row.monitor else {}
     n = result["requests"]
     return {
         "requests": n, "req_per_s": result["req_per_s"], "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
         "cpu_us": per_request_us(before, after, n),
+        # Messages into / out of nats-server per request (every process's, background included).
+        "nats_msgs_per_request": {k: (msgs1[k] - msgs0[k]) / n for k in msgs0},
     }  # fmt: skip
 
 
@@ -309,6 +337,9 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "caller_cpu_us_per_request": statistics.median(s["cpu_us"]["caller"] for s in samples),
         "cpu_us_by_process": {r: statistics.median(s["cpu_us"][r] for s in samples) for r in roles},
         **({"client_startup_cpu_s": samples[0]["client_startup_cpu_s"]} if "client_startup_cpu_s" in samples[0] else {}),
+        **({"nats_msgs_per_request": {k: statistics.median(s["nats_msgs_per_request"][k] for s in samples)
+                                      for k in samples[0]["nats_msgs_per_request"]}}
+           if samples[0].get("nats_msgs_per_request") else {}),
     }  # fmt: skip
 
 
@@ -348,7 +379,7 @@ def ratios(results: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]
 
 def print_table(results: dict[str, dict[int, dict[str, Any]]], labels: dict[str, str], title: str) -> None:
     table = Table(title=title)
-    for column in ("path", "in flight", "req/s", "p50 ms", "p99 ms", "CPU µs/req", "caller", "nats-server", "workers", "CPU runs"):
+    for column in ("path", "in flight", "req/s", "p50 ms", "p99 ms", "CPU µs/req", "caller", "nats-server", "workers", "CPU runs", "msgs in/out"):
         table.add_column(column, justify="left" if column == "path" else "right", no_wrap=column != "path")
     for key, by_c in results.items():
         for c, r in by_c.items():
@@ -358,6 +389,7 @@ def print_table(results: dict[str, dict[int, dict[str, Any]]], labels: dict[str,
                 labels[key], str(c), f"{r['req_per_s']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
                 f"{r['cpu_us_per_request']:.0f}", f"{r['caller_cpu_us_per_request']:.0f}",
                 f"{by['nats-server']:.0f}", f"{workers:.0f}", " ".join(map(str, r["cpu_us_per_request_runs"])),
+                f"{msgs['in_msgs']:.1f}/{msgs['out_msgs']:.1f}" if (msgs := r.get("nats_msgs_per_request")) else "",
             )  # fmt: skip
     Console(width=160).print(table)
 
@@ -388,8 +420,10 @@ async def setup(args: argparse.Namespace, keys: list[str], procs: Processes, wor
     from pipeline_runner.deployment import Deployment
     from pipeline_runner.nats_server import NatsServer
 
-    server = NatsServer(workdir / "nats")
+    monitor_port = free_port()
+    server = NatsServer(workdir / "nats", config_text=f"http: 127.0.0.1:{monitor_port}\n")
     url = await server.start()
+    monitor = NatsMonitor(f"http://127.0.0.1:{monitor_port}")
     stack.push_async_callback(server.stop)
     stack.push_async_callback(procs.stop_all)  # before the server stops (last in, first out)
     assert server.pid is not None
@@ -401,7 +435,7 @@ async def setup(args: argparse.Namespace, keys: list[str], procs: Processes, wor
     async def raw(key: str, prefix: str, mode: str, kinds: dict[str, int], uvloop: bool, target: str) -> None:
         pids = await start_raw(procs, url, prefix, mode, kinds, uvloop)
         caller = await start_caller(procs, url, "--target", target, "--prefix", prefix, *size, *(["--uvloop"] if uvloop else []))
-        rows.append(Row(key, ALL_ROWS[key], caller, {**base_roles, **pids}))
+        rows.append(Row(key, ALL_ROWS[key], caller, {**base_roles, **pids}, monitor))
 
     async def deploy(config: Any, env_extra: dict[str, str] | None = None) -> Any:
         saved = {k: os.environ.get(k) for k in (env_extra or {})}
@@ -428,7 +462,7 @@ async def setup(args: argparse.Namespace, keys: list[str], procs: Processes, wor
         deployment = await deploy(config, env)
         caller_env = dict(os.environ, **env) if env else None
         caller = await start_caller(procs, url, "--target", "library", "--deployment", config.name, "--operator", operator, *size, env=caller_env)
-        rows.append(Row(key, ALL_ROWS[key], caller, {**base_roles, **deployment_roles(deployment)}))
+        rows.append(Row(key, ALL_ROWS[key], caller, {**base_roles, **deployment_roles(deployment)}, monitor))
         return deployment
 
     hw_base = load_deployment(REPO / "deployments" / "hello_world_python.yaml")

@@ -151,8 +151,12 @@ def _native_category(comm: str, dso: str, sym: str) -> str:
             return "kernel: syscall entry/exit, interrupts"
         return "kernel: other"
     if comm == "nats-server":
-        if sym.startswith("runtime.") or sym.startswith("[.] runtime.") or "runtime." in sym[:12]:
-            return "Go runtime (scheduler, GC, allocation)"
+        if "runtime." in sym[:16] or "internal/runtime" in sym:
+            if any(k in sym for k in ("scan", "Scan", "gc", "GC", "mark", "Mark", "sweep", "Sweep", "findObject", "greyobject", "heapBits", "typePointers", "wbBuf", "span", "Span")):
+                return "Go runtime: garbage collector"
+            if any(k in sym for k in ("malloc", "newobject", "growslice", "makeslice", "memmove", "memclr", "concatstring", "slicebytetostring", "mapassign", "mapaccess", "memHash", "maps.")):
+                return "Go runtime: allocation, copies, maps"
+            return "Go runtime: scheduler, timers, locks, netpoll"
         if any(k in sym for k in ("syscall.", "internal/poll", "net.(*", "net.")):
             return "Go syscall and net wrappers"
         if any(k in sym.lower() for k in ("jetstream", "stream)", "consumer", "memstore", "filestore", "raft", "(*stream", "(*msgblock", "ack")):
@@ -241,8 +245,8 @@ async def profile(args: argparse.Namespace, py_spy: str, workdir: Path) -> dict[
         if not await asyncio.to_thread(loading.wait, 120):
             raise RuntimeError("runner client did not start its load test within 120 s")
         await asyncio.sleep(args.warmup)
-        targets = {"encoder_decoder": workers["encoder_decoder.0"], "encoder": workers["encoder.0"],
-                   "decoder": workers["decoder.0"], "runner client": client.pid}  # fmt: skip
+        # Every worker (both of a stage, for twice the samples) and the client.
+        targets = {**workers, "runner client": client.pid}
         pids = {**{name: pid for name, pid in workers.items()}, "runner client": client.pid, "nats-server": server.pid}
         n0, cpu0 = await served(conn, len(workers)), {k: cpu_s(p) for k, p in pids.items()}
         spies = {
@@ -287,8 +291,15 @@ async def profile(args: argparse.Namespace, py_spy: str, workdir: Path) -> dict[
     kernel = {s: sum(per_request(k, 1) for k in pids if k.rsplit(".", 1)[0] == s) for s in stages}
     user["runner client"], kernel["runner client"] = per_request("runner client", 0), per_request("runner client", 1)
     processes = {}
-    for role in targets:
-        samples, frames = parse_raw((workdir / f"{role}.txt").read_text())
+    for role in (*stages, "runner client"):
+        samples: Counter[str] = Counter()
+        frames: dict[str, Counter[str]] = {}
+        for name in targets:
+            if name.rsplit(".", 1)[0] == role:
+                s_, f_ = parse_raw((workdir / f"{name}.txt").read_text())
+                samples.update(s_)
+                for c, f in f_.items():
+                    frames.setdefault(c, Counter()).update(f)
         # Kernel time is known exactly (/proc stime): it is the syscall frames' category. The
         # samples in those frames are not used: on a loaded machine a thread woken from epoll,
         # or preempted in a send that woke its peer, is sampled there while it waits for a CPU.
