@@ -522,7 +522,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             everything = {f"{r.key}:{role}": pids for r in rows for role, pids in r.roles.items()}
             everything.update({f"{r.key}:caller": [r.caller.pid] for r in rows if r.caller})
             started_pids = sorted({pid for pids in everything.values() for pid in pids} - {os.getpid()})
+            msgs0 = rows[0].monitor.counts() if rows[0].monitor else {}
             idle = await idle_cpu_percent(rows, args.idle_seconds)
+            msgs1 = rows[0].monitor.counts() if rows[0].monitor else {}
+            idle_msgs_per_s = {k: (msgs1[k] - msgs0[k]) / args.idle_seconds for k in msgs0}
             client_baseline: dict[str, dict[str, float]] = {}
             for round_index in range(args.rounds):
                 for concurrency in args.concurrency:
@@ -550,6 +553,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "cpus": os.cpu_count(), "setup_s": round(setup_s, 1),
         },
         "idle_cpu_percent": idle,
+        "idle_nats_per_s": idle_msgs_per_s,  # background traffic every row's message counts include
         "pids": started_pids,  # every process measured: all stopped by now
         "labels": {k: ALL_ROWS[k] for k in keys},
         "rows": summary,
