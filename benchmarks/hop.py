@@ -256,10 +256,13 @@ async def run_client(
 
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
+    waiting = asyncio.ensure_future(asyncio.to_thread(os.wait4, proc.pid, 0))
     try:
-        _, status, usage = await asyncio.to_thread(os.wait4, proc.pid, 0)
+        # Bounded like every measurement: a client that hangs is killed, and the run fails.
+        _, status, usage = await asyncio.wait_for(asyncio.shield(waiting), COMMAND_TIMEOUT_S + requests / 20)
     except BaseException:
         proc.kill()
+        await waiting  # reap it
         raise
     finally:
         reader.join(timeout=2.0)
