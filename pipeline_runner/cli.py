@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--health-host", default="127.0.0.1", metavar="ADDR", help="interface of the health endpoints (default 127.0.0.1)")
     p.add_argument("--log-dir", type=Path, help="directory for per-worker logs; '-': the workers log to this command's output (containers, kubectl logs)")
     p.add_argument("--start-timeout", type=float, default=120.0, metavar="S", help="seconds a worker may take to become ready")
+    p.add_argument("--allow-oversubscribe", action="store_true", help="start the workers even where they exceed this host's CPUs, memory or limits (see runner validate)")
     p.set_defaults(func=_cmd_deploy)
 
     p = sub.add_parser("client", help="load-test a deployment and check every response")
@@ -141,9 +142,12 @@ def _positive_int(text: str) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from .config_loader import load_deployment
+    from .config_loader import check_deployment
 
-    config = load_deployment(args.file)
+    checked = check_deployment(args.file)
+    for problem in checked.capacity_problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    config = checked.config
     workers = ", ".join(f"{op.name}×{op.workers}" for op in config.operators)
     print(f"{args.file}: OK — deployment {config.name!r}, operators: {workers}")
     return 0
@@ -303,15 +307,22 @@ def _cmd_k8s(args: argparse.Namespace) -> int:
 
 
 def _cmd_deploy(args: argparse.Namespace) -> int:
-    from .config_loader import load_deployment
+    from .capacity import HostShare
+    from .config_loader import check_deployment
 
-    config = load_deployment(args.file)
+    checked = check_deployment(args.file, HostShare(args.only, args.workers))
+    config = checked.config
+    if checked.capacity_problems and not args.allow_oversubscribe:
+        refusal = f"{args.file}: not deploying beyond this host's capacity; --allow-oversubscribe starts the workers anyway"
+        raise ConfigError([*checked.capacity_problems, refusal])
     logging.basicConfig(
         level=config.log_level,
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    for problem in checked.capacity_problems:
+        logging.getLogger("pipeline_runner.deployment").warning("%s (--allow-oversubscribe)", problem)
     return asyncio.run(_deploy(config, args))
 
 

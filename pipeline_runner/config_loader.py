@@ -21,7 +21,8 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .config import DeploymentConfig
 from .errors import ConfigError
-from .preflight import preflight
+from .capacity import HostShare, capacity_problems
+from .preflight import Problem, preflight
 from .schema import deployment_json_schema
 
 Loc = tuple[str | int, ...]
@@ -38,8 +39,32 @@ _DEPLOYMENT = "a mapping with at least 'name' and 'operators'"
 MAX_ALIAS_NODES = 100_000
 
 
+@dataclass(frozen=True)
+class CheckedDeployment:
+    """A valid deployment file and what it asks of this host beyond its capacity.
+
+    ``runner deploy`` refuses to start workers beyond the host's capacity (unless told to go ahead),
+    ``runner validate`` warns; both lines name the file, line and key path as errors do.
+    """
+
+    config: DeploymentConfig
+    capacity_problems: list[str]
+
+
 def load_deployment(path: str | Path) -> DeploymentConfig:
     """Read, parse and validate the deployment file at ``path``; raise :class:`ConfigError`."""
+    return parse_deployment(_read(path), path)
+
+
+def check_deployment(path: str | Path, share: HostShare = HostShare()) -> CheckedDeployment:
+    """:func:`load_deployment`, and the capacity of this host for its ``share`` of the workers."""
+    source = str(path)
+    config, doc = _parse(_read(path), source)
+    problems = _rendered(doc, capacity_problems(config, share))
+    return CheckedDeployment(config, [p.render(source) for p in problems])
+
+
+def _read(path: str | Path) -> str:
     try:
         raw = Path(path).read_bytes()
     except FileNotFoundError:
@@ -53,11 +78,15 @@ def load_deployment(path: str | Path) -> DeploymentConfig:
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise ConfigError([f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x})"]) from None
-    return parse_deployment(text, path)
+    return text
 
 
 def parse_deployment(text: str, source: str | Path) -> DeploymentConfig:
     """Validate deployment YAML ``text``; ``source`` names it in messages and anchors ``config.root``."""
+    return _parse(text, source)[0]
+
+
+def _parse(text: str, source: str | Path) -> tuple[DeploymentConfig, _YamlDocument]:
     doc = _YamlDocument.parse(text, str(source))
     problems = doc.problems + _schema_problems(doc)
     # Where jsonschema found problems, pydantic would repeat them; only the model's own
@@ -66,11 +95,11 @@ def parse_deployment(text: str, source: str | Path) -> DeploymentConfig:
     problems += model_problems
     if config is not None and not problems:
         config._source = Path(source).resolve()
-        problems = _preflight_problems(config, doc)
+        problems = _rendered(doc, preflight(config))
     if problems or config is None:
         problems.sort(key=lambda p: p.line or 0)
         raise ConfigError([p.render(str(source)) for p in problems])
-    return config
+    return config, doc
 
 
 # --- YAML with locations -------------------------------------------------------------------
@@ -368,10 +397,10 @@ def _value_problem(doc: _YamlDocument, loc: Loc, expected: str) -> _Problem:
     return _Problem(doc.line(loc), loc or None, message)
 
 
-def _preflight_problems(config: DeploymentConfig, doc: _YamlDocument) -> list[_Problem]:
-    """What ``runner deploy`` would reject in a valid file, each at its line."""
+def _rendered(doc: _YamlDocument, found: list[Problem]) -> list[_Problem]:
+    """Problems found in a valid file (by key path), each at its line."""
     problems = []
-    for problem in preflight(config):
+    for problem in found:
         if problem.shows_value:
             problems.append(_value_problem(doc, problem.loc, problem.message))
         else:
