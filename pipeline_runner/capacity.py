@@ -20,6 +20,7 @@ import os
 import resource
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from .config import DeploymentConfig
@@ -117,6 +118,17 @@ def capacity_problems(
     return problems
 
 
+#: Most bytes one request may declare by default (``max_request_bytes``), on hosts of 8 GiB and more.
+DEFAULT_MAX_REQUEST_BYTES = 1 << 30
+
+
+@cache
+def default_max_request_bytes() -> int:
+    """An operator's default ``max_request_bytes``: 1 GiB, or an eighth of this host's memory if less."""
+    total = _total_memory()
+    return DEFAULT_MAX_REQUEST_BYTES if total is None else min(DEFAULT_MAX_REQUEST_BYTES, total // 8)
+
+
 def _mib(nbytes: int) -> str:
     return f"{nbytes >> 20} MiB"
 
@@ -126,15 +138,37 @@ def _soft_limit(which: int) -> int | None:
     return None if soft == resource.RLIM_INFINITY else soft
 
 
-def _available_memory() -> int | None:
-    """MemAvailable, or less where this process's cgroup (v2) allows less."""
-    available = None
+def _meminfo(key: str) -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+def _total_memory() -> int | None:
+    total = _meminfo("MemTotal")
+    limit = _cgroup_file("memory.max")
+    if limit is not None and limit.isdigit():
+        total = int(limit) if total is None else min(total, int(limit))
+    return total
+
+
+def _cgroup_file(name: str) -> str | None:
+    """A file of this process's cgroup (v2), stripped; None where there is none."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        relative = next(line[3:] for line in lines if line.startswith("0::"))
+        return (Path("/sys/fs/cgroup") / relative.lstrip("/") / name).read_text().strip()
+    except (OSError, StopIteration):
+        return None
+
+
+def _available_memory() -> int | None:
+    """MemAvailable, or less where this process's cgroup (v2) allows less."""
+    available = _meminfo("MemAvailable")
     cgroup = _cgroup_memory_left()
     if cgroup is not None:
         available = cgroup if available is None else min(available, cgroup)
@@ -143,17 +177,14 @@ def _available_memory() -> int | None:
 
 def _cgroup_memory_left() -> int | None:
     """What this process's cgroup v2 memory limit leaves, page cache it can drop counted as free."""
+    limit, current, stat = (_cgroup_file(name) for name in ("memory.max", "memory.current", "memory.stat"))
+    if limit is None or current is None or not limit.isdigit():
+        return None  # no cgroup v2, or no limit ("max")
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-        relative = next(line[3:] for line in lines if line.startswith("0::"))
-        group = Path("/sys/fs/cgroup") / relative.lstrip("/")
-        limit = (group / "memory.max").read_text().strip()
-        if limit == "max":
-            return None
-        used = int((group / "memory.current").read_text())
-        for line in (group / "memory.stat").read_text().splitlines():
+        used = int(current)
+        for line in (stat or "").splitlines():
             if line.startswith("inactive_file "):
                 used -= int(line.split()[1])
-        return max(int(limit) - used, 0)
-    except (OSError, ValueError, IndexError, StopIteration):
+    except ValueError:
         return None
+    return max(int(limit) - used, 0)

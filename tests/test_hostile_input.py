@@ -6,13 +6,17 @@ capacity bound with the host's resources given.
 
 from __future__ import annotations
 
+import json
 import resource
 import signal
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from pipeline_runner.capacity import (
     MIN_WORKER_BOUND,
@@ -21,12 +25,24 @@ from pipeline_runner.capacity import (
     HostResources,
     HostShare,
     capacity_problems,
+    default_max_request_bytes,
 )
 from pipeline_runner.config import DeploymentConfig
 from pipeline_runner.config_loader import load_deployment
+from pipeline_runner.errors import OperatorError, ProtocolError, RequestTooLargeError
+from pipeline_runner.protocol import (
+    MAGIC,
+    RemoteTensor,
+    RequestHeader,
+    ResponseHeader,
+    decode_response,
+    encode_message,
+)
+from pipeline_runner.request_plane import operator_subject
 from pipeline_runner.state import state_file
+from pipeline_runner.tensor import check_request_size
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, connected, make_config, op, running
 
 RUNNER = [sys.executable, "-m", "pipeline_runner.cli"]
 HELLO_WORLD_PYTHON = REPO_ROOT / "deployments" / "hello_world_python.yaml"
@@ -226,3 +242,82 @@ def test_only_the_workers_this_host_runs_count() -> None:
     assert capacity_problems(config, HostShare(workers=32), host) == []
     [problem] = capacity_problems(config, HostShare(only=["b"], workers=65), host)
     assert problem.loc == ("operators", 1, "workers")
+
+
+# --- declared tensor sizes -------------------------------------------------------------------------
+
+GIB = 1 << 30
+
+
+def _remote(name: str, dtype: str, shape: tuple[int, ...], nbytes: int) -> RemoteTensor:
+    # An address nothing listens on: a worker that tried to fetch would allocate first, then fail.
+    return RemoteTensor(
+        name=name, dtype=dtype, shape=shape, nbytes=nbytes, address="ucx://127.0.0.1:9/0", tensor_id="t"
+    )
+
+
+def test_nbytes_must_match_dtype_and_shape() -> None:
+    assert _remote("x", "<f4", (3, 4), 48).nbytes == 48
+    assert _remote("x", "bytes", (3,), 12).nbytes == 12  # three empty elements: their length prefixes
+    with pytest.raises(ValidationError, match=r"nbytes 16 does not match dtype <f4 and shape \[3, 4\] \(48 bytes\)"):
+        _remote("x", "<f4", (3, 4), 16)
+    with pytest.raises(ValidationError, match="8 bytes cannot hold 1000000000 string elements"):
+        _remote("x", "string", (10**9,), 8)
+    with pytest.raises(ProtocolError, match="dtype '|O' is not allowed"):
+        _remote("x", "|O", (1,), 8)
+
+
+def test_a_request_declaring_more_than_the_limit_is_refused_naming_its_largest_tensor() -> None:
+    small, huge = _remote("small", "|u1", (10,), 10), _remote("huge", "|u1", (100 * GIB,), 100 * GIB)
+    check_request_size([small], limit=10)
+    with pytest.raises(RequestTooLargeError) as caught:
+        check_request_size([small, huge], limit=GIB)
+    assert caught.value.code == "too_large"
+    assert f"declare {100 * GIB + 10} bytes, more than the operator's max_request_bytes of {GIB}" in str(caught.value)
+    assert "'huge'" in str(caught.value)
+
+
+def test_the_default_limit_is_a_gib_or_an_eighth_of_the_memory() -> None:
+    total = int(next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal:")).split()[1]) * 1024
+    assert 0 < default_max_request_bytes() <= min(GIB, total // 8)
+
+
+async def _answer(nc, payload: bytes) -> ResponseHeader:  # type: ignore[no-untyped-def]
+    reply = await nc.request(operator_subject("test", "echo", 1), payload, timeout=10)
+    header, _ = decode_response(reply.data)
+    assert header.final and header.error is not None
+    return header
+
+
+async def test_a_crafted_request_declaring_100_gib_gets_too_large_and_the_worker_keeps_serving(nats_url: str) -> None:
+    config = make_config(op("echo", "echo:Echo", delivery={"mode": "at_most_once"}))
+    async with running(config, nats_url) as deployment, connected(deployment) as conn:
+        nc = conn.plane.nats
+        claim = _remote("x", "|u1", (100 * GIB,), 100 * GIB)
+        header = RequestHeader(id="r1", reply_to=nc.new_inbox(), timeout_s=5, tensors=[claim])
+        answer = await _answer(nc, encode_message(header, []))  # refused before any fetch: no bytes
+        assert answer.error is not None and answer.error.code == "too_large"
+        assert "'x'" in answer.error.message and str(100 * GIB) in answer.error.message
+        # Declared sizes that do not add up are malformed.
+        lying = json.loads(encode_message(header, [])[8:])
+        lying["tensors"][0]["nbytes"] = 16
+        body = json.dumps(lying).encode()
+        answer = await _answer(nc, struct.pack("<4sI", MAGIC, len(body)) + body)
+        assert answer.error is not None and answer.error.code == "bad_request"
+        assert "nbytes 16 does not match" in answer.error.message
+        response = await conn.operator("echo").infer({"x": np.arange(5)})
+        assert list(await response.array("x")) == [0, 1, 2, 3, 4]
+        assert deployment.workers[0].restarts == 0
+
+
+async def test_max_request_bytes_bounds_what_a_caller_may_send(nats_url: str) -> None:
+    config = make_config(op("echo", "echo:Echo", max_request_bytes=4096))
+    async with running(config, nats_url) as deployment, connected(deployment) as conn:
+        echo = conn.operator("echo")
+        with pytest.raises(OperatorError) as caught:
+            await echo.infer({"x": np.zeros(1024, np.int32), "y": np.zeros(1, np.int32)})
+        assert caught.value.code == "too_large"
+        assert "declare 4100 bytes, more than the operator's max_request_bytes of 4096" in caught.value.message
+        response = await echo.infer({"x": np.zeros(1024, np.int32)})  # exactly the limit
+        assert (await response.array("x")).shape == (1024,)
+        assert deployment.workers[0].restarts == 0
