@@ -19,9 +19,9 @@ from jsonschema import Draft202012Validator
 from pydantic import ValidationError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from .capacity import HostShare, capacity_problems
 from .config import DeploymentConfig
 from .errors import ConfigError
-from .capacity import HostShare, capacity_problems
 from .preflight import Problem, preflight
 from .schema import deployment_json_schema
 
