@@ -30,11 +30,12 @@ MIN_WORKER_BOUND = 64
 WORKERS_PER_CPU = 16
 #: A hello_world worker (NumPy, nats-py, UCX) measured 73 MiB RSS; the rest is room for requests.
 WORKER_MEMORY_BYTES = 128 << 20
-#: What one tritonserver with a small CPU model takes, roughly; models add their weights.
-TRITON_SERVER_MEMORY_BYTES = 1 << 30
-#: A worker runs 4 threads (measured); a tritonserver dozens.
+#: A tritonserver and its Python backend stub measured 77 MiB RSS with hello_world's models;
+#: models add their weights.
+TRITON_SERVER_MEMORY_BYTES = 256 << 20
+#: A Python worker runs 4 threads (measured); a Triton worker 11, its tritonserver 60, the stub 5.
 THREADS_PER_WORKER = 8
-THREADS_PER_TRITON_SERVER = 64
+THREADS_PER_TRITON_SERVER = 72
 #: Open files of the embedded nats-server: a connection per worker (measured 1), its own few.
 NATS_FILES_PER_WORKER = 2
 NATS_BASE_FILES = 64
