@@ -214,10 +214,13 @@ def test_memory_counts_a_triton_server_per_triton_worker(tmp_path: Path) -> None
     host = HostResources(cpus=64, available_memory_bytes=4 << 30, open_files_limit=None, threads_limit=None)
     python_workers = 4 * (1 << 30) // WORKER_MEMORY_BYTES  # exactly fill the memory
     assert capacity_problems(_config({"name": "a", "workers": python_workers}), host=host) == []
-    triton = {"name": "t", "kind": "triton", "repository": "models", "implementation": None, "workers": 4}
-    [problem] = capacity_problems(_config(triton), host=host)
-    memory = 4 * (WORKER_MEMORY_BYTES + TRITON_SERVER_MEMORY_BYTES) >> 20
-    assert problem.message.startswith(f"4 workers on this host (t×4) need about {memory} MiB of memory")
+    # As many Triton workers as Python workers filling the memory, less the Triton servers' share.
+    fitting = 4 * (1 << 30) // (WORKER_MEMORY_BYTES + TRITON_SERVER_MEMORY_BYTES)
+    triton = {"name": "t", "kind": "triton", "repository": "models", "implementation": None, "workers": fitting}
+    assert capacity_problems(_config(triton), host=host) == []
+    [problem] = capacity_problems(_config({**triton, "workers": fitting + 1}), host=host)
+    memory = (fitting + 1) * (WORKER_MEMORY_BYTES + TRITON_SERVER_MEMORY_BYTES) >> 20
+    assert problem.message.startswith(f"{fitting + 1} workers on this host (t×{fitting + 1}) need about {memory} MiB of memory")
     assert problem.message.endswith("more than the 4096 MiB available")
 
 
