@@ -9,6 +9,7 @@ operator instance the attribute is an :class:`~pipeline_runner.python_first.endp
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import re
@@ -39,8 +40,8 @@ def class_path(cls: type) -> str:
 
 
 def snake_case(name: str) -> str:
-    """``EncoderDecoder`` -> ``encoder_decoder``, ``HTTPFrontend`` -> ``http_frontend``."""
-    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+    """``EncoderDecoder`` -> ``encoder_decoder``, ``HTTPFrontend`` -> ``http_frontend``, ``_Private`` -> ``private``."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name.lstrip("_")).lower()
 
 
 @dataclass(frozen=True)
@@ -85,16 +86,21 @@ def operator_defaults(*, name: str | None = None, **fields: Any) -> Callable[[Op
         for key in fields:
             if key in NOT_FOR_CLASSES:
                 problems.append(f"{where}: @operator_defaults({key}=...): not for a Python operator class")
-            elif key not in OperatorConfig.model_fields or key == "name":
-                allowed = ", ".join(k for k in OperatorConfig.model_fields if k not in NOT_FOR_CLASSES)
-                problems.append(f"{where}: @operator_defaults({key}=...): no such operator field (fields: {allowed})")
+            elif key not in OperatorConfig.model_fields:
+                allowed = [k for k in OperatorConfig.model_fields if k not in NOT_FOR_CLASSES]
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"fields: {', '.join(allowed)}"
+                problems.append(f"{where}: @operator_defaults({key}=...): no such operator field ({hint})")
         if problems:
             raise ConfigError(problems)
         entry = {"name": name or snake_case(cls.__name__), "implementation": where, **fields}
         try:
             validated = OperatorConfig.model_validate(entry)
         except ValidationError as exc:
-            raise ConfigError([f"{where}: @operator_defaults: {line}" for line in describe_errors(exc)]) from None
+            lines = describe_errors(exc)
+            if name is None:  # the name was made from the class's: say so
+                lines = [f"{line} (the operator name {entry['name']!r} comes from the class name: give name=...)" if line.startswith("name:") else line for line in lines]
+            raise ConfigError([f"{where}: @operator_defaults: {line}" for line in lines]) from None
         dumped = validated.model_dump(mode="json")
         given = {key: _given(fields[key], dumped[key]) for key in fields}
         setattr(cls, _DEFAULTS_ATTR, ClassDefaults(name, given))
