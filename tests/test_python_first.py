@@ -5,7 +5,9 @@ Real nats-server, real worker processes, real UCX for the large tensors.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -181,3 +183,22 @@ async def test_typed_endpoints_check_requests_and_responses_at_both_ends(nats_ur
         )
         # ...and every worker is still serving.
         assert (await front.infer(parameters={"name": "eve"})).parameters["greeting"] == "hello eve"
+
+        # `runner client` reaches a JSON operator too: --param for its request, --no-check.
+        code, out = await _runner("client", "--nats", nats_url, "--deployment", "typed", "--operator", "greeter",
+                                  "--requests", "5", "--param", "name=ada", "--no-check")  # fmt: skip
+        assert code == 0 and "5/5" in out, out
+        code, out = await _runner("client", "--nats", nats_url, "--deployment", "typed", "--operator", "greeter",
+                                  "--requests", "2", "--param", "name=ada", "--param", "times=0", "--no-check")  # fmt: skip
+        assert code == 1 and "0/2" in out and "invalid GreetRequest: times: Input should be greater than" in out, out
+
+
+async def _runner(*args: str) -> tuple[int, str]:
+    """``runner ARGS`` as a subprocess, without blocking the event loop the deployment runs on."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pipeline_runner.cli", *args, cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "COLUMNS": "200"},  # rich wraps at the terminal's width
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout=120)
+    return proc.returncode or 0, out.decode()

@@ -30,6 +30,10 @@ from .endpoint import endpoint_spec
 
 _CLASS_TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
+#: Deployment settings the code has no say in: a compiled file may set them, and compiling into
+#: an existing file keeps them (the code owns the operators and where they are imported from).
+FILE_OWNED = ("request_plane", "data_plane", "log_level", "log_dir")
+
 
 def is_class_target(text: str) -> bool:
     """True for ``package.module:Class``; False for a path that exists or ends in .yaml/.yml."""
@@ -242,11 +246,6 @@ class _Walk:
             self.problems.append(f"{where}: depends on {shown}, which is not a pipeline_runner.Operator subclass")
             return None
         return target
-
-
-#: Deployment settings the code has no say in: a compiled file may set them, and compiling into
-#: an existing file keeps them (the code owns the operators and where they are imported from).
-FILE_OWNED = ("request_plane", "data_plane", "log_level", "log_dir")
 
 
 def comparable(config: DeploymentConfig, compare_name: bool) -> dict[str, Any]:
