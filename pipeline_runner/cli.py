@@ -154,6 +154,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if args.explain:
         sys.stdout.write(explain_target(args.file, args.name, args.workers))
         return 0
+    if args.workers is not None:
+        raise RunnerError("--workers goes with --explain")
     config = load_target(args.file, args.name)
     workers = ", ".join(f"{op.name}×{op.workers}" for op in config.operators)
     print(f"{args.file}: OK — deployment {config.name!r}, operators: {workers}")

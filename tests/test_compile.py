@@ -342,6 +342,15 @@ def test_the_file_keeps_the_deployment_settings_the_code_cannot_express(run: Cal
     assert config.operator("backend").workers == 5
 
 
+def test_compiling_into_a_stale_file_rewrites_it(run: Callable[..., tuple[int, str, str]], module: WriteModule, tmp_path: Path) -> None:
+    module("pipeline", PIPELINE)
+    (tmp_path / "app.yaml").write_text("name: old\nlog_level: ERROR\noperators:\n  - {name: gone, implementation: app.moved:Gone}\n")
+    assert run("compile", "app.pipeline:Front", "-o", "app.yaml")[0] == 0
+    config = load_deployment(tmp_path / "app.yaml")
+    assert (config.name, config.log_level) == ("old", "ERROR")
+    assert [op.name for op in config.operators] == ["backend", "middle_stage", "front_door"]
+
+
 def test_check_of_an_invalid_file_exits_2_with_its_problems(run: Callable[..., tuple[int, str, str]], module: WriteModule, tmp_path: Path) -> None:
     module("pipeline", PIPELINE)
     (tmp_path / "app.yaml").write_text("name: x\noperators:\n  - name: a\n    implementation: app.pipeline:Front\n    workers: 0\n")

@@ -70,12 +70,11 @@ def run_compile(args: argparse.Namespace) -> int:
     settings: dict[str, Any] = {}
     name = args.name
     if output is not None and output.exists():
-        # The file's deployment settings (the code has none) and name survive recompiling.
-        from ..config_loader import load_deployment
-
-        existing = load_deployment(output)
-        settings = yaml.safe_load(output.read_text(encoding="utf-8-sig"))
-        name = name or existing.name
+        # The file's deployment settings (the code has none) and name survive recompiling; the
+        # rest may be stale (a renamed module), so the file need not validate as it is.
+        settings = _written_settings(output)
+        if name is None and isinstance(settings.get("name"), str):
+            name = settings["name"]
     working_dir = _relative_cwd(output.parent) if output is not None else "."
     compiled = compile_target(args.target, name=name, working_dir=working_dir, settings=settings)
     text = compiled.render(_command(args))
@@ -87,6 +86,14 @@ def run_compile(args: argparse.Namespace) -> int:
     _validated(output, compiled)
     print(f"wrote {output}: deployment {compiled.config.name!r}, operators: {_operators(compiled)}", file=sys.stderr)
     return 0
+
+
+def _written_settings(file: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError([f"{file}: cannot read the deployment settings to keep: {exc}"]) from None
+    return data if isinstance(data, dict) else {}
 
 
 def _check(file: Path, target: str, name: str | None) -> int:
