@@ -504,6 +504,11 @@ def test_endpoint_requests_and_responses_are_checked_with_pydantic_messages() ->
     with pytest.raises(BadInputError) as caught:
         spec.parse_request({"tokens": 0})
     assert str(caught.value) == "invalid Ask: prompt: Field required; tokens: Input should be greater than 0"
+    assert spec.request_parameters(Ask(prompt="hi")) == {"prompt": "hi", "tokens": 16}
+    changed = Ask(prompt="hi")
+    changed.tokens = 0  # pydantic does not check assignments unless told to: the caller does
+    with pytest.raises(BadInputError, match="^invalid Ask: tokens: Input should be greater than 0$"):
+        spec.request_parameters(changed)
     assert spec.response_parameters(Answer(text="ok")) == {"text": "ok"}
     with pytest.raises(InvalidResponseError, match=r":Model.generate answered an invalid Answer: text: Field required$"):
         spec.response_parameters({})

@@ -54,26 +54,34 @@ class EndpointSpec:
 
     def parse_request(self, parameters: Any) -> BaseModel:
         """``parameters`` as the request model; BadInputError with pydantic's message if they do not fit."""
-        model = self.request_model
-        if isinstance(parameters, BaseModel) and not isinstance(parameters, model):
-            raise BadInputError(f"{self.qualname} takes a {model.__name__}, got a {type(parameters).__name__}")
-        if isinstance(parameters, BaseModel):
-            parameters = parameters.model_dump()  # validated again: it may have been changed since
         try:
-            return model.model_validate(parameters)
+            return self.request_model.model_validate(parameters)
         except ValidationError as exc:
-            raise BadInputError(f"invalid {model.__name__}: {'; '.join(describe_errors(exc))}") from None
+            raise BadInputError(f"invalid {self.request_model.__name__}: {'; '.join(describe_errors(exc))}") from None
+
+    def request_parameters(self, request: BaseModel | Mapping[str, Any]) -> dict[str, Any]:
+        """What a caller sends for ``request`` (a request model or its JSON form), checked as the
+        worker will check it."""
+        if isinstance(request, BaseModel):
+            if not isinstance(request, self.request_model):
+                raise BadInputError(f"{self.qualname} takes a {self.request_model.__name__}, got a {type(request).__name__}")
+            sent = request.model_dump(mode="json")
+            self.parse_request(sent)  # it may have been changed since it was made
+            return sent
+        return self.parse_request(request).model_dump(mode="json")
 
     def response_parameters(self, response: Any) -> dict[str, Any]:
-        """``response`` validated against the response model, as JSON parameters."""
+        """``response`` (a response model or its JSON form) as the parameters to send, checked as
+        its caller will check them."""
         model = self.response_model
         if isinstance(response, BaseModel) and not isinstance(response, model):
             raise InvalidResponseError(f"{self.qualname} must answer {model.__name__}, got a {type(response).__name__}")
-        raw = response.model_dump() if isinstance(response, BaseModel) else response
+        sent = response.model_dump(mode="json") if isinstance(response, BaseModel) else response
         try:
-            return model.model_validate(raw).model_dump(mode="json")
+            validated = model.model_validate(sent)
         except ValidationError as exc:
             raise InvalidResponseError(f"{self.qualname} answered an invalid {model.__name__}: {'; '.join(describe_errors(exc))}") from None
+        return sent if isinstance(response, BaseModel) else validated.model_dump(mode="json")
 
 
 class _Endpoint:
@@ -146,7 +154,10 @@ async def _execute_endpoint(self: Operator, requests: list[Request]) -> None:
     spec = endpoint_spec(type(self))
     assert spec is not None
     method = getattr(self, spec.method)
-    await asyncio.gather(*(_serve(spec, method, request) for request in requests))
+    if len(requests) == 1:  # the common case, without gather's task per request
+        await _serve(spec, method, requests[0])
+    else:
+        await asyncio.gather(*(_serve(spec, method, request) for request in requests))
 
 
 async def _serve(spec: EndpointSpec, method: Callable[..., Any], request: Request) -> None:
@@ -201,7 +212,7 @@ class OperatorHandle(RemoteOperator):
         """Call the endpoint and return its validated response; BadInputError before sending
         when ``request`` does not fit the request model."""
         spec = self._spec(streaming=False)
-        parameters = spec.parse_request(request).model_dump(mode="json")
+        parameters = spec.request_parameters(request)
         response = await self.infer(parameters=parameters, timeout_s=timeout_s)
         return self._parse(spec, response.parameters)
 
@@ -210,7 +221,7 @@ class OperatorHandle(RemoteOperator):
     ) -> AsyncIterator[BaseModel]:
         """Call a streaming endpoint and yield each validated response."""
         spec = self._spec(streaming=True)
-        parameters = spec.parse_request(request).model_dump(mode="json")
+        parameters = spec.request_parameters(request)
         async with contextlib.aclosing(self.call(parameters=parameters, timeout_s=timeout_s)) as responses:
             async for response in responses:
                 if response.final:
