@@ -234,6 +234,10 @@ def test_an_entry_that_is_not_an_operator_or_cannot_be_imported(module: WriteMod
     assert problems("app.plain:Thing") == ["app.plain:Thing: <class 'app.plain.Thing'> is not a pipeline_runner.Operator subclass"]
     assert problems("app.plain:Other") == ["app.plain:Other: module 'app.plain' has no attribute 'Other'"]
     assert problems("app.broken:X") == ["app.broken:X: cannot import 'app.broken': RuntimeError: no weights here"]
+    assert problems("elsewhere.mod:X") == [
+        "elsewhere.mod:X: cannot import 'elsewhere.mod': ModuleNotFoundError: No module named 'elsewhere' "
+        f"(modules resolve from the current directory, {Path.cwd()})"
+    ]
 
 
 def test_abstract_and_nested_classes_cannot_be_operators(module: WriteModule) -> None:

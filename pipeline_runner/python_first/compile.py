@@ -65,7 +65,8 @@ def import_class(target: str) -> type:
         except ConfigError:
             raise  # a declaration error (e.g. @operator_defaults) already names its class
         except Exception as exc:
-            raise ConfigError([f"{target}: cannot import {module_name!r}: {type(exc).__name__}: {exc}"]) from None
+            where = f" (modules resolve from the current directory, {os.getcwd()})" if isinstance(exc, ModuleNotFoundError) else ""
+            raise ConfigError([f"{target}: cannot import {module_name!r}: {type(exc).__name__}: {exc}{where}"]) from None
     found = getattr(module, class_name, None)
     if found is None:
         raise ConfigError([f"{target}: module {module_name!r} has no attribute {class_name!r}"])

@@ -81,7 +81,7 @@ def _has(mapping: Mapping[str, Any], path: tuple[str, ...]) -> bool:
 def render(config: DeploymentConfig, explanations: list[OperatorExplanation], target: str, name_source: Source) -> str:
     """A plain text table per operator: field, effective value, where it came from."""
     lines = [
-        f"{target}: deployment {config.name!r} ({name_source}); each value comes from the last of "
+        f"{target}: deployment {config.name!r} (name: {name_source}); each value comes from the last of "
         "default < class < file < flag that sets it"
     ]
     for explanation in explanations:
