@@ -99,7 +99,8 @@ def operator_defaults(*, name: str | None = None, **fields: Any) -> Callable[[Op
         except ValidationError as exc:
             lines = describe_errors(exc)
             if name is None:  # the name was made from the class's: say so
-                lines = [f"{line} (the operator name {entry['name']!r} comes from the class name: give name=...)" if line.startswith("name:") else line for line in lines]
+                derived = f" (the operator name {entry['name']!r} comes from the class name: give name=...)"
+                lines = [line + derived if line.startswith("name:") else line for line in lines]
             raise ConfigError([f"{where}: @operator_defaults: {line}" for line in lines]) from None
         dumped = validated.model_dump(mode="json")
         given = {key: _given(fields[key], dumped[key]) for key in fields}
