@@ -64,6 +64,11 @@ def check_deployment(path: str | Path, share: HostShare = HostShare()) -> Checke
     return CheckedDeployment(config, [p.render(source) for p in problems])
 
 
+def capacity_lines(config: DeploymentConfig, share: HostShare, source: str) -> list[str]:
+    """:func:`check_deployment`'s capacity lines for a deployment that has no file (compiled from code)."""
+    return [_Problem(None, p.loc, p.message).render(source) for p in capacity_problems(config, share)]
+
+
 def _read(path: str | Path) -> str:
     try:
         raw = Path(path).read_bytes()
