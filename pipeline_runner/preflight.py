@@ -45,7 +45,7 @@ class Problem:
 
 
 def preflight(config: DeploymentConfig) -> list[Problem]:
-    """Every problem ``runner deploy`` would meet with ``config`` before or while starting workers."""
+    """What ``runner deploy`` would fail on with ``config`` that shows without starting anything."""
     root = config.root
     if not root.is_dir():
         return [Problem(("working_dir",), f"cannot find directory {root}")]
