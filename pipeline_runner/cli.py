@@ -12,7 +12,7 @@ import socket
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -20,6 +20,10 @@ from rich.table import Table
 
 from .errors import ConfigError, RunnerError
 from .nats_security import redact_url
+
+if TYPE_CHECKING:
+    from .capacity import HostShare
+    from .config import DeploymentConfig
 
 EXIT_CONFIG = 2
 console = Console(stderr=True)
@@ -48,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("deploy", help="start a deployment in the foreground (Ctrl-C stops it)")
-    p.add_argument("file", type=Path, help="deployment YAML file")
+    p.add_argument("file", metavar="FILE|package.module:Class", help="deployment YAML file, or a Python-first pipeline's entry class (compiled in memory)")
+    p.add_argument("--name", help="deployment name of a package.module:Class (default: the module's last part)")
     p.add_argument("--nats", metavar="URL[,URL...]", help="use this NATS server (or these cluster members) instead of the file's or an embedded one")
     p.add_argument("--only", type=_names, metavar="OP[,OP...]", help="run only these operators on this host (the others run elsewhere on the same NATS)")
     p.add_argument("--workers", type=_positive_int, metavar="N", help="run N workers of each operator here instead of the file's count")
@@ -57,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--health-host", default="127.0.0.1", metavar="ADDR", help="interface of the health endpoints (default 127.0.0.1)")
     p.add_argument("--log-dir", type=Path, help="directory for per-worker logs; '-': the workers log to this command's output (containers, kubectl logs)")
     p.add_argument("--start-timeout", type=float, default=120.0, metavar="S", help="seconds a worker may take to become ready")
+    p.add_argument("--allow-oversubscribe", action="store_true", help="start the workers even where they exceed this host's CPUs, memory or limits (see runner validate)")
     p.set_defaults(func=_cmd_deploy)
 
     p = sub.add_parser("client", help="load-test a deployment and check every response")
@@ -77,8 +83,15 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_client)
 
     p = sub.add_parser("validate", help="check a deployment file and print it normalized")
-    p.add_argument("file", type=Path)
+    p.add_argument("file", metavar="FILE|package.module:Class")
+    p.add_argument("--name", help="deployment name of a package.module:Class (default: the module's last part)")
+    p.add_argument("--explain", action="store_true", help="show each operator field's value and where it came from (default, class, file or flag)")
+    p.add_argument("--workers", type=_positive_int, metavar="N", help="with --explain: as `runner deploy --workers N` would run it")
     p.set_defaults(func=_cmd_validate)
+
+    from .python_first.commands import add_compile_parser
+
+    add_compile_parser(sub)
 
     p = sub.add_parser("schema", help="print the deployment file's JSON Schema")
     p.add_argument("--write", action="store_true", help="write it to schemas/deployment.schema.json")
@@ -141,12 +154,34 @@ def _positive_int(text: str) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from .config_loader import load_deployment
+    from .python_first.commands import explain_target
 
-    config = load_deployment(args.file)
+    if args.explain:
+        sys.stdout.write(explain_target(args.file, args.name, args.workers))
+        return 0
+    if args.workers is not None:
+        raise RunnerError("--workers goes with --explain")
+    config, capacity_problems = _load_for_this_host(args.file, args.name)
+    for problem in capacity_problems:
+        print(f"warning: {problem}", file=sys.stderr)
     workers = ", ".join(f"{op.name}×{op.workers}" for op in config.operators)
     print(f"{args.file}: OK — deployment {config.name!r}, operators: {workers}")
     return 0
+
+
+def _load_for_this_host(target: str, name: str | None, share: HostShare | None = None) -> tuple[DeploymentConfig, list[str]]:
+    """The deployment ``target`` describes, and each way its ``share`` of workers exceeds this host."""
+    from .capacity import HostShare
+    from .config_loader import capacity_lines, check_deployment
+    from .python_first.commands import load_target
+    from .python_first.compile import is_class_target
+
+    share = share or HostShare()
+    if is_class_target(target) or name is not None:
+        config = load_target(target, name)  # refuses --name with a file
+        return config, capacity_lines(config, share, target)
+    checked = check_deployment(target, share)
+    return checked.config, checked.capacity_problems
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
@@ -303,15 +338,20 @@ def _cmd_k8s(args: argparse.Namespace) -> int:
 
 
 def _cmd_deploy(args: argparse.Namespace) -> int:
-    from .config_loader import load_deployment
+    from .capacity import HostShare
 
-    config = load_deployment(args.file)
+    config, capacity_problems = _load_for_this_host(args.file, args.name, HostShare(args.only, args.workers))
+    if capacity_problems and not args.allow_oversubscribe:
+        refusal = f"{args.file}: not deploying beyond this host's capacity; --allow-oversubscribe starts the workers anyway"
+        raise ConfigError([*capacity_problems, refusal])
     logging.basicConfig(
         level=config.log_level,
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    for problem in capacity_problems:
+        logging.getLogger("pipeline_runner.deployment").warning("%s (--allow-oversubscribe)", problem)
     return asyncio.run(_deploy(config, args))
 
 

@@ -256,6 +256,15 @@ class OperatorConfig(_Model):
     max_batch_size: int = Field(
         1, ge=1, le=100_000, description="Most requests handed to one execute() call."
     )
+    max_request_bytes: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Most bytes of tensors one request may declare; a larger one is refused with a "
+            "'too_large' error before anything is fetched. Default: 1 GiB, or an eighth of the "
+            "worker host's memory where that is less."
+        ),
+    )
     parameters: dict[str, Any] = Field(
         default_factory=dict, description="Free-form settings passed to the operator."
     )

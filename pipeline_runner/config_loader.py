@@ -8,10 +8,7 @@ raised together as one :class:`ConfigError`, sorted by line.
 from __future__ import annotations
 
 import difflib
-import importlib.machinery
-import importlib.util
 import json
-import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -22,9 +19,10 @@ from jsonschema import Draft202012Validator
 from pydantic import ValidationError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from .config import DeploymentConfig, OperatorConfig
-from .errors import ConfigError, RunnerError
-from .loader import is_file_implementation, split_implementation
+from .capacity import HostShare, capacity_problems
+from .config import DeploymentConfig
+from .errors import ConfigError
+from .preflight import Problem, preflight
 from .schema import deployment_json_schema
 
 Loc = tuple[str | int, ...]
@@ -35,10 +33,43 @@ _MAP_TAG = _TAG_PREFIX + "map"
 _SEQ_TAG = _TAG_PREFIX + "seq"
 _MERGE_TAG = _TAG_PREFIX + "merge"
 _DEPLOYMENT = "a mapping with at least 'name' and 'operators'"
+#: Most nodes that aliases (and the merge keys using them) may add to a file, counted as if each
+#: alias were replaced by a copy of its anchor's node: far above what defaults shared between
+#: operators need, far below what makes validating slow ("billion laughs" files).
+MAX_ALIAS_NODES = 100_000
+
+
+@dataclass(frozen=True)
+class CheckedDeployment:
+    """A valid deployment file and what it asks of this host beyond its capacity.
+
+    ``runner deploy`` refuses to start workers beyond the host's capacity (unless told to go ahead),
+    ``runner validate`` warns; both lines name the file, line and key path as errors do.
+    """
+
+    config: DeploymentConfig
+    capacity_problems: list[str]
 
 
 def load_deployment(path: str | Path) -> DeploymentConfig:
     """Read, parse and validate the deployment file at ``path``; raise :class:`ConfigError`."""
+    return parse_deployment(_read(path), path)
+
+
+def check_deployment(path: str | Path, share: HostShare = HostShare()) -> CheckedDeployment:
+    """:func:`load_deployment`, and the capacity of this host for its ``share`` of the workers."""
+    source = str(path)
+    config, doc = _parse(_read(path), source)
+    problems = _rendered(doc, capacity_problems(config, share))
+    return CheckedDeployment(config, [p.render(source) for p in problems])
+
+
+def capacity_lines(config: DeploymentConfig, share: HostShare, source: str) -> list[str]:
+    """:func:`check_deployment`'s capacity lines for a deployment that has no file (compiled from code)."""
+    return [_Problem(None, p.loc, p.message).render(source) for p in capacity_problems(config, share)]
+
+
+def _read(path: str | Path) -> str:
     try:
         raw = Path(path).read_bytes()
     except FileNotFoundError:
@@ -52,11 +83,15 @@ def load_deployment(path: str | Path) -> DeploymentConfig:
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise ConfigError([f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x})"]) from None
-    return parse_deployment(text, path)
+    return text
 
 
 def parse_deployment(text: str, source: str | Path) -> DeploymentConfig:
     """Validate deployment YAML ``text``; ``source`` names it in messages and anchors ``config.root``."""
+    return _parse(text, source)[0]
+
+
+def _parse(text: str, source: str | Path) -> tuple[DeploymentConfig, _YamlDocument]:
     doc = _YamlDocument.parse(text, str(source))
     problems = doc.problems + _schema_problems(doc)
     # Where jsonschema found problems, pydantic would repeat them; only the model's own
@@ -65,11 +100,11 @@ def parse_deployment(text: str, source: str | Path) -> DeploymentConfig:
     problems += model_problems
     if config is not None and not problems:
         config._source = Path(source).resolve()
-        problems = _implementation_problems(config, doc)
+        problems = _rendered(doc, preflight(config))
     if problems or config is None:
         problems.sort(key=lambda p: p.line or 0)
         raise ConfigError([p.render(str(source)) for p in problems])
-    return config
+    return config, doc
 
 
 # --- YAML with locations -------------------------------------------------------------------
@@ -99,9 +134,9 @@ class _YamlDocument:
     @classmethod
     def parse(cls, text: str, source: str) -> _YamlDocument:
         doc = cls()
-        loader: yaml.SafeLoader | None = None
+        loader: _BoundedLoader | None = None
         try:
-            loader = yaml.SafeLoader(text)  # checks for unprintable characters right away
+            loader = _BoundedLoader(text)  # checks for unprintable characters right away
             root = loader.get_single_node()
             if root is None:
                 raise ConfigError([f"{source}: the file is empty; a deployment is {_DEPLOYMENT}"])
@@ -169,7 +204,7 @@ class _YamlDocument:
             for index, item in enumerate(node.value):
                 self._find_duplicate_keys(item, loc + (index,), seen)
 
-    def _build(self, node: Node, loc: Loc, loader: yaml.SafeLoader, active: set[int]) -> Any:
+    def _build(self, node: Node, loc: Loc, loader: _BoundedLoader, active: set[int]) -> Any:
         if isinstance(node, ScalarNode):
             try:
                 return loader.construct_object(node)
@@ -202,6 +237,49 @@ class _YamlDocument:
             return mapping
         finally:
             active.discard(id(node))
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses aliases expanding beyond :data:`MAX_ALIAS_NODES` nodes.
+
+    Counted while composing, from each node's expanded size, so that an exponential file is
+    refused at its first offending alias before anything walks the expansion.
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self._expanded_size: dict[int, int] = {}  # id(node) -> nodes in it, aliases expanded
+        self._alias_nodes = 0
+
+    def compose_node(self, parent: Node | None, index: object) -> Node:
+        if not self.check_event(yaml.AliasEvent):
+            node: Node = super().compose_node(parent, index)
+            self._expanded_size[id(node)] = 1 + sum(self._size(child) for child in _children(node))
+            return node
+        mark = self.peek_event().start_mark
+        node = super().compose_node(parent, index)
+        self._alias_nodes += self._size(node)
+        if self._alias_nodes > MAX_ALIAS_NODES:
+            raise yaml.composer.ComposerError(
+                problem=(
+                    f"aliases expand to more than {MAX_ALIAS_NODES} nodes (this one to "
+                    f"{self._size(node)}); write the values out or share fewer levels of aliases"
+                ),
+                problem_mark=mark,
+            )
+        return node
+
+    def _size(self, node: Node) -> int:
+        # A node still being composed is the target of a recursive alias, reported when building.
+        return self._expanded_size.get(id(node), 1)
+
+
+def _children(node: Node) -> list[Node]:
+    if isinstance(node, MappingNode):
+        return [child for pair in node.value for child in pair]
+    if isinstance(node, SequenceNode):
+        return list(node.value)
+    return []
 
 
 def _yaml_problem(node: Node, problem: str) -> yaml.MarkedYAMLError:
@@ -324,79 +402,15 @@ def _value_problem(doc: _YamlDocument, loc: Loc, expected: str) -> _Problem:
     return _Problem(doc.line(loc), loc or None, message)
 
 
-def _triton_problems(root: Path, index: int, op: OperatorConfig, doc: _YamlDocument) -> list[_Problem]:
-    assert op.repository is not None
-    loc: Loc = ("operators", index, "repository")
-    repository = (root / op.repository).resolve()
-    if not repository.is_dir():
-        return [_Problem(doc.line(loc), loc, f"cannot find Triton model repository {repository}")]
-    model = op.model or op.name
-    loc = ("operators", index, "model" if op.model else "name")
-    if not (repository / model / "config.pbtxt").is_file():
-        message = f"no model '{model}' in Triton model repository {repository} (no {model}/config.pbtxt)"
-        return [_Problem(doc.line(loc), loc, message)]
-    if op.config_overrides:
-        from .triton.model_config import parse_overrides  # imports grpc: only when needed
-
-        try:
-            parse_overrides(op.config_overrides)
-        except RunnerError as exc:
-            loc = ("operators", index, "config_overrides")
-            return [_Problem(doc.line(loc), loc, f"must be a Triton model config: {exc}")]
-    return []
-
-
-def _implementation_problems(config: DeploymentConfig, doc: _YamlDocument) -> list[_Problem]:
-    root = config.root
-    if not root.is_dir():
-        loc: Loc = ("working_dir",)
-        return [_Problem(doc.line(loc), loc, f"cannot find directory {root}")]
+def _rendered(doc: _YamlDocument, found: list[Problem]) -> list[_Problem]:
+    """Problems found in a valid file (by key path), each at its line."""
     problems = []
-    described = _schema_at(("operators", 0, "implementation")) or {}
-    forms = str(described.get("description", "'package.module:Class' or 'path/to/file.py'"))
-    forms = forms.removeprefix("kind python: ").rstrip(".")
-    for index, op in enumerate(config.operators):
-        if op.kind == "triton":
-            problems += _triton_problems(root, index, op, doc)
-            continue
-        assert op.implementation is not None
-        loc = ("operators", index, "implementation")
-        target, class_name = split_implementation(op.implementation)
-        if ":" in op.implementation and not class_name.isidentifier():
-            problems.append(_value_problem(doc, loc, f"must be {forms}"))
-        elif is_file_implementation(op.implementation):
-            if not (root / target).is_file():
-                message = f"cannot find file '{target}' under {root}"
-                problems.append(_Problem(doc.line(loc), loc, message))
-        elif not all(part.isidentifier() for part in target.split(".")):
-            problems.append(_value_problem(doc, loc, f"must be {forms}"))
-        elif not _module_exists(target, root):
-            message = f"cannot find module '{target}' under {root}"
-            problems.append(_Problem(doc.line(loc), loc, message))
+    for problem in found:
+        if problem.shows_value:
+            problems.append(_value_problem(doc, problem.loc, problem.message))
+        else:
+            problems.append(_Problem(doc.line(problem.loc), problem.loc, problem.message))
     return problems
-
-
-def _module_exists(name: str, root: Path) -> bool:
-    """Whether module ``name`` can be imported with ``root`` on sys.path, without importing it."""
-    parts = name.split(".")
-    base = root.joinpath(*parts)
-    if base.with_name(parts[-1] + ".py").is_file() or (base / "__init__.py").is_file():
-        return True
-    saved = list(sys.path)
-    sys.path.insert(0, str(root))
-    try:
-        # importlib.util.find_spec("a.b") would import package "a"; walk the packages instead.
-        spec = importlib.util.find_spec(parts[0])
-        for depth in range(2, len(parts) + 1):
-            if spec is None or spec.submodule_search_locations is None:
-                return False
-            locations = list(spec.submodule_search_locations)
-            spec = importlib.machinery.PathFinder.find_spec(".".join(parts[:depth]), locations)
-        return spec is not None
-    except (ImportError, ValueError):
-        return False
-    finally:
-        sys.path[:] = saved
 
 
 # --- what a schema expects, in words ---------------------------------------------------------

@@ -16,7 +16,18 @@ class ConfigError(RunnerError):
 
 
 class ProtocolError(RunnerError):
-    """A message on the request plane could not be decoded."""
+    """A message on the request plane could not be decoded.
+
+    ``code`` is the error code a worker answers such a request with.
+    """
+
+    code = "bad_request"
+
+
+class RequestTooLargeError(ProtocolError):
+    """A request's tensors add up to more than its operator's ``max_request_bytes``."""
+
+    code = "too_large"
 
 
 class PayloadTooLargeError(RunnerError):

@@ -9,11 +9,13 @@ variable-length bytes/strings use a length-prefixed layout.
 from __future__ import annotations
 
 import json
+import math
 import struct
+from functools import lru_cache
 from typing import Annotated, Any, Literal, TypeVar, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ProtocolError
 
@@ -34,8 +36,28 @@ class _Wire(BaseModel):
 class _TensorFields(_Wire):
     name: str
     dtype: str
-    shape: tuple[int, ...]
+    shape: tuple[Annotated[int, Field(ge=0)], ...]
     nbytes: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _nbytes_match_dtype_and_shape(self) -> _TensorFields:
+        # nbytes decides what a receiver allocates before any byte arrives: it must be what the
+        # dtype and shape take (variable-length elements: at least their length prefixes).
+        count = math.prod(self.shape)
+        if self.dtype in (BYTES_DTYPE, STRING_DTYPE):
+            if self.nbytes < count * _LEN.size:
+                raise ValueError(
+                    f"tensor {self.name!r}: {self.nbytes} bytes cannot hold {count} {self.dtype} "
+                    f"elements (each needs at least {_LEN.size})"
+                )
+            return self
+        expected = count * wire_dtype(self.name, self.dtype).itemsize
+        if self.nbytes != expected:
+            raise ValueError(
+                f"tensor {self.name!r}: nbytes {self.nbytes} does not match dtype {self.dtype} and "
+                f"shape {list(self.shape)} ({expected} bytes)"
+            )
+        return self
 
 
 class InlineTensor(_TensorFields):
@@ -130,17 +152,30 @@ def array_from_bytes(name: str, dtype: str, shape: tuple[int, ...], data: memory
         count *= dim
     if dtype in (BYTES_DTYPE, STRING_DTYPE):
         return _variable_length_array(name, dtype, shape, count, data)
-    try:
-        np_dtype = np.dtype(dtype)
-    except TypeError as exc:
-        raise ProtocolError(f"tensor {name!r}: unknown dtype {dtype!r}") from exc
-    if np_dtype.hasobject or np_dtype.kind == "V":
-        raise ProtocolError(f"tensor {name!r}: dtype {dtype!r} is not allowed on the wire")
+    np_dtype = wire_dtype(name, dtype)
     if count * np_dtype.itemsize != len(data):
         raise ProtocolError(
             f"tensor {name!r}: {len(data)} bytes do not match dtype {dtype} and shape {list(shape)}"
         )
     return np.frombuffer(data, dtype=np_dtype, count=count).reshape(shape)
+
+
+def wire_dtype(name: str, dtype: str) -> np.dtype:
+    """The NumPy dtype a fixed-width tensor's dtype string names; ProtocolError if none may travel."""
+    np_dtype = _parsed_dtype(dtype)
+    if np_dtype is None:
+        raise ProtocolError(f"tensor {name!r}: unknown dtype {dtype[:40]!r}")
+    if np_dtype.hasobject or np_dtype.kind == "V":
+        raise ProtocolError(f"tensor {name!r}: dtype {dtype!r} is not allowed on the wire")
+    return np_dtype
+
+
+@lru_cache(maxsize=256)
+def _parsed_dtype(dtype: str) -> np.dtype | None:
+    try:
+        return np.dtype(dtype)
+    except (TypeError, ValueError, SyntaxError):
+        return None
 
 
 def _variable_length_array(

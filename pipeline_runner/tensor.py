@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
-from .errors import PayloadTooLargeError, ProtocolError
+from .errors import PayloadTooLargeError, ProtocolError, RequestTooLargeError
 from .kernels.xp import to_device
 from .protocol import (
     InlineTensor,
@@ -168,6 +168,19 @@ def check_payload(size: int, limit: int, descriptors: Iterable[TensorDescriptor]
     raise PayloadTooLargeError(
         f"{what} of {size} bytes exceeds the NATS max payload of {limit} bytes{culprit}. "
         "Tensors above data_plane.inline_threshold_bytes travel over the data plane instead."
+    )
+
+
+def check_request_size(descriptors: Iterable[TensorDescriptor], limit: int) -> None:
+    """Refuse a request whose tensors declare more than ``limit`` bytes, before any is fetched."""
+    descriptors = list(descriptors)
+    total = sum(d.nbytes for d in descriptors)
+    if total <= limit:
+        return
+    biggest = max(descriptors, key=lambda d: d.nbytes)
+    raise RequestTooLargeError(
+        f"the request's tensors declare {total} bytes, more than the operator's max_request_bytes "
+        f"of {limit}; its largest is {biggest.name!r} ({biggest.nbytes} bytes)"
     )
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from nats.aio.msg import Msg
 from pydantic import BaseModel, ConfigDict
 
+from .capacity import default_max_request_bytes
 from .config import DataPlaneConfig, OperatorConfig
 from .data_plane.plane import DataPlane
 from .errors import BadInputError, OperatorError, ProtocolError, RunnerError
@@ -46,6 +47,7 @@ from .tensor import (
     TensorLike,
     TensorScope,
     check_payload,
+    check_request_size,
     current_scope,
     decode_tensors,
     encode_tensors,
@@ -264,12 +266,13 @@ class Worker:
         queued = self._work_queue is not None
         try:
             header, body = decode_request(msg.data)
+            check_request_size(header.tensors, self.spec.operator.max_request_bytes or default_max_request_bytes())
             inputs = decode_tensors(header.tensors, body, self.data_plane)
         except ProtocolError as exc:
             log.warning("rejected malformed request on %s: %s", msg.subject, exc)
             reply_to = salvage_reply_to(msg.data) if queued else msg.reply
             if reply_to:
-                await self._send(reply_to, "", {}, {}, True, ("bad_request", str(exc)), 0.0)
+                await self._send(reply_to, "", {}, {}, True, (exc.code, str(exc)), 0.0)
             return None
         if header.id in self._cancelled_early:
             del self._cancelled_early[header.id]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_runner.config_loader import load_deployment, parse_deployment
+from pipeline_runner.config_loader import MAX_ALIAS_NODES, load_deployment, parse_deployment
 from pipeline_runner.errors import ConfigError
 
 FILE = "hello_world.yaml"
@@ -265,6 +265,58 @@ def test_merge_keys_may_override_without_being_duplicates(deployment: WriteDeplo
     assert [op.name for op in load_deployment(path).operators] == ["encoder", "decoder"]
 
 
+# --- files crafted to be expensive ---------------------------------------------------------------
+
+
+def _laughs(levels: int, merge: bool) -> str:
+    """A "billion laughs" file: each level refers nine times to the one before."""
+    lines = ["name: laughs", "operators:", "  - name: encoder", "    implementation: ops.encoder:Encoder"]
+    if merge:
+        lines += ["    parameters:", "      l0: &l0 {a: lol, b: lol}"]
+        for level in range(1, levels):
+            lines.append(f"      l{level}: &l{level} {{<<: [{', '.join([f'*l{level - 1}'] * 9)}]}}")
+    else:
+        lines += ["    parameters:", "      l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+        for level in range(1, levels):
+            lines.append(f"      l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * 9)}]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["aliases", "merge-keys"])
+def test_aliases_expanding_exponentially_are_refused_at_the_alias_that_goes_too_far(
+    deployment: WriteDeployment, merge: bool
+) -> None:
+    path = deployment(_laughs(9, merge))
+    [problem] = problems_of(path)
+    # An alias of level 4 stands for 66430 nodes: the second on level 5's line passes the bound.
+    assert problem.startswith("hello_world.yaml:11:")
+    assert f"invalid YAML: aliases expand to more than {MAX_ALIAS_NODES} nodes" in problem
+
+
+def test_aliases_within_the_bound_are_expanded(deployment: WriteDeployment) -> None:
+    path = deployment(_laughs(4, merge=False))  # 9^3 = 729 copies of "lol" at the last level
+    parameters = load_deployment(path).operators[0].parameters
+    assert len(parameters["l3"]) == 9 and len(parameters["l3"][0][0]) == 9
+
+
+def test_a_large_file_sharing_defaults_through_merge_keys_loads(deployment: WriteDeployment) -> None:
+    operators = [
+        "  - &defaults",
+        "    name: op0",
+        "    implementation: ops.encoder:Encoder",
+        "    max_inflight_requests: 4",
+        "    delivery: {mode: at_least_once, max_attempts: 2}",
+        "    parameters: {scale: 1.5, labels: [a, b, c], nested: {k: v}}",
+    ]
+    for index in range(1, 1000):
+        operators += ["  - <<: *defaults", f"    name: op{index}"]
+    path = deployment("name: big\noperators:\n" + "\n".join(operators) + "\n")
+    config = load_deployment(path)
+    assert len(config.operators) == 1000
+    assert config.operator("op999").delivery.max_attempts == 2
+    assert config.operator("op999").parameters["labels"] == ["a", "b", "c"]
+
+
 # --- the file as a whole ------------------------------------------------------------------------
 
 
@@ -343,6 +395,55 @@ def test_implementation_that_is_neither_module_nor_file(deployment: WriteDeploym
     ]
 
 
+def test_implementation_naming_a_file_that_is_not_python(deployment: WriteDeployment) -> None:
+    path = deployment(HEADER + "  - name: decoder\n    implementation: /etc/passwd:X\n")
+    assert problems_of(path) == [
+        "hello_world.yaml:6: operators[1].implementation: must name a Python file (.py): /etc/passwd is not one"
+    ]
+
+
+def test_implementation_naming_a_class_the_module_does_not_define(deployment: WriteDeployment) -> None:
+    path = deployment(HEADER + "  - name: decoder\n    implementation: ops.encoder:Decoder\n")
+    assert problems_of(path) == [
+        "hello_world.yaml:6: operators[1].implementation: module 'ops.encoder' defines no 'Decoder' "
+        "(its classes: Encoder)"
+    ]
+
+
+def test_implementation_that_cannot_be_parsed(deployment: WriteDeployment, tmp_path: Path) -> None:
+    (tmp_path / "ops" / "broken.py").write_text("class Broken(:\n")
+    path = deployment(HEADER + "  - name: broken\n    implementation: ops/broken.py:Broken\n")
+    [problem] = problems_of(path)
+    assert problem.startswith("hello_world.yaml:6: operators[1].implementation: file 'ops/broken.py' cannot be imported:")
+    assert f"{tmp_path / 'ops' / 'broken.py'}:1" in problem
+
+
+def test_a_class_bound_in_ways_only_running_the_module_tells_is_left_to_deploy(
+    deployment: WriteDeployment, tmp_path: Path
+) -> None:
+    (tmp_path / "ops" / "star.py").write_text("from ops.encoder import *\n")
+    (tmp_path / "ops" / "alias.py").write_text("from ops.encoder import Encoder as Decoder\n")
+    path = deployment(HEADER + """\
+  - name: star
+    implementation: ops.star:Encoder
+  - name: alias
+    implementation: ops.alias:Decoder
+""")
+    assert [op.name for op in load_deployment(path).operators] == ["encoder", "star", "alias"]
+
+
+def test_inline_threshold_above_the_embedded_servers_max_payload(deployment: WriteDeployment) -> None:
+    path = deployment(HEADER + "data_plane:\n  inline_threshold_bytes: 4194304\n")
+    assert problems_of(path) == [
+        "hello_world.yaml:6: data_plane.inline_threshold_bytes: must be at most 983040 so that a "
+        "tensor sent inline fits in a NATS message (the embedded nats-server's max payload is "
+        "1048576 bytes, 65536 kept for the header); larger tensors go over the data plane, got 4194304"
+    ]
+    # Another server's limit is its own, learnt when connecting.
+    deployment(HEADER + "data_plane:\n  inline_threshold_bytes: 4194304\nrequest_plane:\n  nats_url: nats://nats:4222\n")
+    assert load_deployment(FILE).data_plane.inline_threshold_bytes == 4194304
+
+
 def test_installed_modules_are_found_too(deployment: WriteDeployment) -> None:
     path = deployment(HEADER + "  - name: decoder\n    implementation: json.decoder:JSONDecoder\n")
     assert load_deployment(path).operator("decoder").implementation == "json.decoder:JSONDecoder"
@@ -350,7 +451,7 @@ def test_installed_modules_are_found_too(deployment: WriteDeployment) -> None:
 
 def test_operator_code_is_found_but_not_imported(deployment: WriteDeployment, tmp_path: Path) -> None:
     """Validating a file must not run operator code (it may be slow, or need a GPU)."""
-    (tmp_path / "ops" / "loud.py").write_text("raise SystemExit('imported!')\n")
+    (tmp_path / "ops" / "loud.py").write_text("raise SystemExit('imported!')\nclass Loud: ...\n")
     path = deployment(HEADER + "  - name: loud\n    implementation: ops.loud:Loud\n")
     path_before = list(sys.path)
     load_deployment(path)

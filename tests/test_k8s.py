@@ -93,7 +93,7 @@ operators:
 def deployment_file(root: Path, text: str, name: str = "pipeline.yaml") -> Path:
     """``text`` as deployments/NAME in a repository at ``root`` with the operator file it names."""
     (root / "operators").mkdir(parents=True, exist_ok=True)
-    (root / "operators" / "ops.py").write_text("")
+    (root / "operators" / "ops.py").write_text("class Pre: ...\nclass Model: ...\nclass Maybe: ...\nclass Echo: ...\n")
     (root / "pyproject.toml").write_text("")
     path = root / "deployments" / name
     path.parent.mkdir(exist_ok=True)

@@ -22,8 +22,9 @@ def test_the_deployment_file_example_is_a_valid_deployment(tmp_path: Path) -> No
     source = tmp_path / "deployments" / "example.yaml"
     source.parent.mkdir()
     (tmp_path / "operators" / "hello_world").mkdir(parents=True)
-    for name in ("__init__.py", "hello_world/__init__.py", "hello_world/encoder.py"):
+    for name in ("__init__.py", "hello_world/__init__.py"):
         (tmp_path / "operators" / name).write_text("")
+    (tmp_path / "operators" / "hello_world" / "encoder.py").write_text("class Encoder: ...\n")
     config = parse_deployment(block.group(1), source)
     assert config.operators[0].name == "encoder"
 
