@@ -24,7 +24,9 @@ from nats.aio.subscription import Subscription
 
 from .errors import PayloadTooLargeError, ProtocolError, RequestTimeoutError, RunnerError
 from .nats_security import NatsClientOptions, redact_url
+from .inbound import RESEND_HEADER
 from .protocol import ErrorInfo, ResponseHeader, decode_response
+from .work_queue import is_puback, puback_refusal
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +36,6 @@ _NO_RESPONDERS = "503"
 _RETRY_FIRST_S = 0.02
 _RETRY_MAX_S = 0.5
 _FIRST_CONNECT_ATTEMPTS = 3
-# JetStream's answers when an operator's work queue is full (max messages / max bytes).
-_QUEUE_FULL_ERRORS = {10077, 10078}
-# NATS header on a request sent again by its caller (the count of resends), after the caller's
-# connection to NATS broke while the request was open: its response may have been lost.
-RESEND_HEADER = "PR-Resend"
 # Final responses are kept this long, and at least until a flush sent after them came back: a
 # cluster member that dies may take responses it accepted (but had not routed on) with it, and
 # they are published again after the reconnect. Bounded in bytes.
@@ -413,13 +410,13 @@ class ResponseStream:
                     if self.time_left() > 0:
                         await self._publish()
                     continue
-                if msg.data[:1] == b"{":
+                if is_puback(msg.data):
                     # The operator's JetStream work queue took the request (or refused it).
                     self._stored_in_queue = True
-                    refusal = self._stored(msg.data)
+                    refusal = puback_refusal(msg.data, self._subject)
                     if refusal is not None:
                         self._done = True
-                        yield refusal, memoryview(b"")
+                        yield ResponseHeader(id=self.request_id, error=refusal), memoryview(b"")
                     continue
                 try:
                     header, body = decode_response(msg.data)
@@ -443,28 +440,6 @@ class ResponseStream:
                 yield header, body
         finally:
             self.close()
-
-    def _stored(self, data: bytes) -> ResponseHeader | None:
-        """An error response for a PubAck that refused the request; None when it was stored."""
-        if b'"error"' not in data:  # the common case, without parsing
-            return None
-        try:
-            ack = json.loads(data)
-        except ValueError:
-            raise ProtocolError(f"malformed answer on {self._subject}: {bytes(data[:80])!r}") from None
-        error = ack.get("error") if isinstance(ack, dict) else None
-        if not error:
-            return None
-        description = error.get("description", error)
-        if error.get("err_code") in _QUEUE_FULL_ERRORS:
-            code = "overloaded"
-            message = (
-                f"the work queue of {self._subject} is full ({description}): its workers already "
-                "hold workers x (max_inflight_requests + max_queued_requests) requests"
-            )
-        else:
-            code, message = "not_accepted", f"the work queue of {self._subject} refused the request: {description}"
-        return ResponseHeader(id=self.request_id, error=ErrorInfo(code=code, message=message))
 
     def _worker_lost_mid_stream(self, attempt: int) -> ResponseHeader:
         message = (

@@ -34,8 +34,9 @@ from .operator import Operator, OperatorContext, Request
 from .placement import CUDA_VISIBLE_DEVICES, Device, activate_gpu
 from .protocol import ErrorInfo, ResponseHeader, decode_request, encode_message, salvage_reply_to
 from .remote import Connection, current_deadline, set_default_connection
+from .inbound import Delivery, Inbound
+from .queue_group import QueueGroupInbound
 from .request_plane import (
-    RESEND_HEADER,
     RequestPlane,
     cancel_subject,
     operator_subject,
@@ -50,7 +51,7 @@ from .tensor import (
     decode_tensors,
     encode_tensors,
 )
-from .work_queue import WorkQueueConsumer, WorkQueueSettings, remove_work_queue, stream_name
+from .work_queue import WorkQueueConsumer, WorkQueueSettings, stream_name
 
 STATUS_FD_ENV = "PIPELINE_RUNNER_STATUS_FD"
 log = logging.getLogger("pipeline_runner.worker")
@@ -83,7 +84,7 @@ class WorkerSpec(BaseModel):
 
 
 class Worker:
-    """Serves one operator: pulls requests, runs batches, sends responses."""
+    """Serves one operator: takes requests from its inbound, runs batches, sends responses."""
 
     def __init__(self, spec: WorkerSpec, operator: Operator, plane: RequestPlane, data_plane: DataPlane):
         self.spec = spec
@@ -92,7 +93,7 @@ class Worker:
         self.data_plane = data_plane
         op = spec.operator
         self._subject = operator_subject(spec.deployment, op.name, op.version)
-        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
         self._slots = asyncio.Semaphore(op.max_inflight_requests)
         self._tasks: set[asyncio.Task[None]] = set()
         # Requests received and not yet finished, wherever they are (queue, dispatcher, batch).
@@ -104,21 +105,26 @@ class Worker:
         self._stopping = asyncio.Event()
         self.served = 0
         self.redelivered = 0
-        self._work_queue: WorkQueueConsumer | None = None
-        if op.delivery.mode == "at_least_once":
-            self._work_queue = WorkQueueConsumer(
-                plane.nats,
-                WorkQueueSettings(
-                    stream=stream_name(spec.deployment, op.name, op.version),
-                    subject=self._subject,
-                    max_messages=op.workers * (op.max_inflight_requests + op.max_queued_requests),
-                    ack_wait_s=op.delivery.redeliver_after_s,
-                    storage=op.delivery.storage,
-                    replicas=op.delivery.replicas,
-                ),
-                on_message=self._on_queued,
-                capacity=lambda: op.max_inflight_requests - self._unfinished,
-            )
+        self.inbound = self._inbound()
+
+    def _inbound(self) -> Inbound:
+        """Where requests come from: the one place that depends on the delivery mode."""
+        op, deployment = self.spec.operator, self.spec.deployment
+        stream = stream_name(deployment, op.name, op.version)
+        if op.delivery.mode == "at_most_once":
+            group = queue_group(deployment, op.name, op.version)
+            return QueueGroupInbound(self.plane, self._subject, group, work_queue_stream=stream)
+        settings = WorkQueueSettings(
+            stream=stream,
+            subject=self._subject,
+            max_messages=op.workers * (op.max_inflight_requests + op.max_queued_requests),
+            ack_wait_s=op.delivery.redeliver_after_s,
+            storage=op.delivery.storage,
+            replicas=op.delivery.replicas,
+        )
+        return WorkQueueConsumer(
+            self.plane.nats, settings, capacity=lambda: op.max_inflight_requests - self._unfinished
+        )
 
     async def serve(self, on_ready: Any = None) -> None:
         """Serve until SIGTERM/SIGINT, then drain in-flight requests and return."""
@@ -126,16 +132,7 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         op = self.spec.operator
-        sub = None
-        if self._work_queue is not None:
-            await self._work_queue.start()
-        else:
-            # Left over from an at-least-once deployment, the stream would swallow our requests.
-            if await remove_work_queue(self.plane.nats, stream_name(self.spec.deployment, op.name, op.version)):
-                log.info("removed the work queue of %s: delivery is now at most once", self._subject)
-            sub = await self.plane.serve(
-                self._subject, queue_group(self.spec.deployment, op.name, op.version), self._on_message
-            )
+        await self.inbound.start(self._on_delivery)
         stats_sub = await self.plane.nats.subscribe(stats_subject(self.spec.deployment), cb=self._on_stats)
         cancel_sub = await self.plane.nats.subscribe(
             cancel_subject(self.spec.deployment, op.name, op.version), cb=self._on_cancel
@@ -146,16 +143,12 @@ class Worker:
             on_ready()
         await self._stopping.wait()
         log.info("stopping: draining %d unfinished requests", self._unfinished)
-        if self._work_queue is not None:
-            await self._work_queue.stop_pulling()
-        if sub is not None:
-            await self.plane.stop_serving(sub)
+        await self.inbound.stop_taking()
         deadline = time.monotonic() + self.spec.drain_timeout_s
         while self._unfinished and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         dispatcher.cancel()
-        if self._work_queue is not None:
-            await self._work_queue.stop()
+        await self.inbound.close()
         await self.plane.stop_serving(stats_sub)
         await self.plane.stop_serving(cancel_sub)
         log.info("stopped after serving %d requests", self.served)
@@ -200,36 +193,34 @@ class Worker:
         if all(r.cancelled for r in batch):
             task.cancel()
 
-    async def _on_message(self, msg: Msg) -> None:
+    async def _on_delivery(self, delivery: Delivery) -> None:
         op = self.spec.operator
         if self._unfinished >= op.max_inflight_requests + op.max_queued_requests:
-            await self._refuse(msg, f"{self.spec.worker_id} already holds {self._unfinished} requests "
+            await self._refuse(delivery, f"{self.spec.worker_id} already holds {self._unfinished} requests "
                                f"(max_inflight_requests={op.max_inflight_requests}, "
                                f"max_queued_requests={op.max_queued_requests})")
             return
-        self._on_queued(msg)
-
-    def _on_queued(self, msg: Msg) -> None:
         self._unfinished += 1
-        self._queue.put_nowait(msg)
+        self._queue.put_nowait(delivery)
 
-    async def _refuse(self, msg: Msg, why: str) -> None:
+    async def _refuse(self, delivery: Delivery, why: str) -> None:
         """Answer at once with an 'overloaded' error instead of queueing without bound."""
         try:
-            header, _ = decode_request(msg.data)
+            header, _ = decode_request(delivery.data)
             reply_to, request_id = header.reply_to, header.id
         except ProtocolError:
-            reply_to, request_id = msg.reply, ""
+            reply_to, request_id = delivery.reply_to or salvage_reply_to(delivery.data), ""
         if reply_to:
             with contextlib.suppress(Exception):
-                await self._send(reply_to, request_id, {}, {}, True, ("overloaded", why), 0.0)
+                await self._send(reply_to, request_id, {}, {}, True, ("overloaded", why), 0.0, delivery.attempt)
+        await delivery.done()
 
     async def _dispatch(self) -> None:
         max_batch = self.spec.operator.max_batch_size
         while True:
-            msg = await self._queue.get()
+            delivery = await self._queue.get()
             await self._slots.acquire()
-            batch = [msg]
+            batch = [delivery]
             while len(batch) < max_batch and not self._queue.empty() and not self._slots.locked():
                 await self._slots.acquire()
                 batch.append(self._queue.get_nowait())
@@ -237,54 +228,44 @@ class Worker:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _run_batch(self, messages: list[Msg]) -> None:
+    async def _run_batch(self, deliveries: list[Delivery]) -> None:
         requests: list[Request] = []
         try:
-            requests = [request for m in messages if (request := await self._decode(m)) is not None]
+            requests = [request for d in deliveries if (request := await self._decode(d)) is not None]
             if requests:
                 await self._execute(requests)
         except Exception:  # a bug here must not kill the dispatcher or leak slots
             log.exception("internal error while serving a batch")
         finally:
-            if self._work_queue is not None:
-                # Every request of the batch has its final response sent (or never will):
-                # only now may JetStream forget it.
-                for msg in messages:
-                    await self._work_queue.done(msg)
+            # Every request of the batch has its final response sent (or never will): only now
+            # may the inbound forget it.
+            for delivery in deliveries:
+                await delivery.done()
             # Counted once the request is out of the way (acknowledged, its slot free).
             self.cancelled += sum(1 for r in requests if r.cancelled)
-            for _ in messages:
+            for _ in deliveries:
                 self._slots.release()
-            self._unfinished -= len(messages)
-            if self._work_queue is not None:
-                await self._work_queue.refill()
+            self._unfinished -= len(deliveries)
+            await self.inbound.capacity_freed()
 
-    async def _decode(self, msg: Msg) -> Request | None:
-        # From the work queue, msg.reply is JetStream's ack subject, not the caller's inbox.
-        queued = self._work_queue is not None
+    async def _decode(self, delivery: Delivery) -> Request | None:
         try:
-            header, body = decode_request(msg.data)
+            header, body = decode_request(delivery.data)
             inputs = decode_tensors(header.tensors, body, self.data_plane)
         except ProtocolError as exc:
-            log.warning("rejected malformed request on %s: %s", msg.subject, exc)
-            reply_to = salvage_reply_to(msg.data) if queued else msg.reply
+            log.warning("rejected malformed request on %s: %s", self._subject, exc)
+            reply_to = delivery.reply_to or salvage_reply_to(delivery.data)
             if reply_to:
-                await self._send(reply_to, "", {}, {}, True, ("bad_request", str(exc)), 0.0)
+                await self._send(reply_to, "", {}, {}, True, ("bad_request", str(exc)), 0.0, delivery.attempt)
             return None
         if header.id in self._cancelled_early:
             del self._cancelled_early[header.id]
             return None  # the caller gave up before we started
-        # A caller whose NATS connection broke sends its open requests again (RESEND_HEADER):
-        # each resend counts as one more attempt, like a redelivery.
-        attempt = 1 + _resends(msg)
-        deadline = time.monotonic() + header.timeout_s
-        if queued:
-            metadata = msg.metadata
-            attempt += metadata.num_delivered - 1
-            # The deadline counts from when the caller sent it, however long it waited here.
-            deadline -= time.time() - metadata.timestamp.timestamp()
-            if deadline <= time.monotonic():
-                return None  # its caller has already given up
+        deadline = delivery.deadline(header.timeout_s)
+        if deadline <= time.monotonic():
+            return None  # its caller has already given up (it waited in a work queue)
+        # Each resend by a caller whose NATS connection broke counts as an attempt, like a redelivery.
+        attempt = delivery.attempt
         if attempt > 1:
             self.redelivered += 1
             log.warning("request %s delivered again (attempt %d): a worker holding it died, "
@@ -393,12 +374,6 @@ class Worker:
 
 
 # --- process entry point -----------------------------------------------------------------
-
-
-def _resends(msg: Msg) -> int:
-    """How many times the caller has sent this request again (0 for a first send)."""
-    value = (msg.headers or {}).get(RESEND_HEADER, "0")
-    return int(value) if value.isdigit() and len(value) < 4 else 0
 
 
 def _die_with_parent(parent_pid: int | None) -> None:
