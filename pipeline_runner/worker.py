@@ -18,7 +18,6 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,8 @@ from .loader import load_operator_class
 from .nats_security import NatsClientOptions
 from .operator import Operator, OperatorContext, Request
 from .placement import CUDA_VISIBLE_DEVICES, Device, activate_gpu
-from .protocol import ErrorInfo, ResponseHeader, decode_request, encode_message, salvage_reply_to
+from .protocol import ErrorInfo, decode_request, salvage_reply_to
+from .reply import Responder
 from .remote import Connection, current_deadline, set_default_connection
 from .inbound import Delivery, Inbound
 from .queue_group import QueueGroupInbound
@@ -43,14 +43,7 @@ from .request_plane import (
     queue_group,
     stats_subject,
 )
-from .tensor import (
-    TensorLike,
-    TensorScope,
-    check_payload,
-    current_scope,
-    decode_tensors,
-    encode_tensors,
-)
+from .tensor import TensorScope, current_scope, decode_tensors
 from .work_queue import WorkQueueConsumer, WorkQueueSettings, stream_name
 
 STATUS_FD_ENV = "PIPELINE_RUNNER_STATUS_FD"
@@ -105,6 +98,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self.served = 0
         self.redelivered = 0
+        self.responder = Responder(plane, data_plane, spec.worker_id)
         self.inbound = self._inbound()
 
     def _inbound(self) -> Inbound:
@@ -187,7 +181,7 @@ class Worker:
                 self._cancelled_early.pop(next(iter(self._cancelled_early)))
             return
         request, task = entry
-        request._cancelled = True
+        request.cancel()
         log.info("request %s cancelled by its caller", request_id)
         batch = [r for r, t in self._running.values() if t is task]
         if all(r.cancelled for r in batch):
@@ -212,7 +206,8 @@ class Worker:
             reply_to, request_id = delivery.reply_to or salvage_reply_to(delivery.data), ""
         if reply_to:
             with contextlib.suppress(Exception):
-                await self._send(reply_to, request_id, {}, {}, True, ("overloaded", why), 0.0, delivery.attempt)
+                reply = self.responder.reply(reply_to, request_id, delivery.attempt)
+                await reply.fail(ErrorInfo(code="overloaded", message=why))
         await delivery.done()
 
     async def _dispatch(self) -> None:
@@ -256,7 +251,8 @@ class Worker:
             log.warning("rejected malformed request on %s: %s", self._subject, exc)
             reply_to = delivery.reply_to or salvage_reply_to(delivery.data)
             if reply_to:
-                await self._send(reply_to, "", {}, {}, True, ("bad_request", str(exc)), 0.0, delivery.attempt)
+                reply = self.responder.reply(reply_to, "", delivery.attempt)
+                await reply.fail(ErrorInfo(code="bad_request", message=str(exc)))
             return None
         if header.id in self._cancelled_early:
             del self._cancelled_early[header.id]
@@ -266,25 +262,16 @@ class Worker:
             return None  # its caller has already given up (it waited in a work queue)
         # Each resend by a caller whose NATS connection broke counts as an attempt, like a redelivery.
         attempt = delivery.attempt
+        reply = self.responder.reply(header.reply_to, header.id, attempt, deadline)
         if attempt > 1:
             self.redelivered += 1
             log.warning("request %s delivered again (attempt %d): a worker holding it died, "
                         "or its caller lost its NATS connection", header.id, attempt)
             refusal = self._refuse_redelivery(attempt)
             if refusal is not None:
-                await self._send(header.reply_to, header.id, {}, {}, True, ("worker_lost", refusal), 0.0, attempt)
+                await reply.fail(ErrorInfo(code="worker_lost", message=refusal))
                 return None
-
-        async def responder(
-            outputs: Mapping[str, TensorLike],
-            parameters: Mapping[str, Any],
-            final: bool,
-            error: tuple[str, str] | None,
-        ) -> None:
-            lease_s = max(deadline - time.monotonic(), 0.0)
-            await self._send(header.reply_to, header.id, outputs, parameters, final, error, lease_s, attempt)
-
-        return Request(header.id, header.parameters, inputs, deadline, responder, device=self.spec.device)
+        return Request(header.id, header.parameters, inputs, deadline, reply, device=self.spec.device)
 
     def _refuse_redelivery(self, attempt: int) -> str | None:
         """Why a request delivered for the ``attempt``-th time must not run, if it must not."""
@@ -319,17 +306,10 @@ class Worker:
             self._running[request.id] = (request, task)
         try:
             await self.operator.execute(requests)
-        except BadInputError as exc:
-            await self._fail_unanswered(requests, "bad_input", str(exc))
-        except OperatorError as exc:  # a downstream operator's error keeps its code
-            await self._fail_unanswered(requests, exc.code, str(exc))
         except Exception as exc:
-            log.exception("operator %s raised", self.spec.operator.name)
-            await self._fail_unanswered(requests, "operator_failed", f"{type(exc).__name__}: {exc}")
+            await self._fail_unanswered(requests, self._error_for(exc))
         else:
-            await self._fail_unanswered(
-                requests, "no_response", "the operator returned without a final response"
-            )
+            await self._fail_unanswered(requests, _NO_RESPONSE)
         finally:
             for request in requests:
                 self._running.pop(request.id, None)
@@ -338,39 +318,23 @@ class Worker:
             self.data_plane.release(scope.to_release())
             self.served += len(requests)
 
-    async def _fail_unanswered(self, requests: list[Request], code: str, message: str) -> None:
+    def _error_for(self, exc: Exception) -> ErrorInfo:
+        """What the caller of a request learns when ``execute`` raised ``exc``."""
+        if isinstance(exc, BadInputError):
+            return ErrorInfo(code="bad_input", message=str(exc))
+        if isinstance(exc, OperatorError):  # a downstream operator's error keeps its code
+            return ErrorInfo(code=exc.code, message=str(exc))
+        log.exception("operator %s raised", self.spec.operator.name, exc_info=exc)
+        return ErrorInfo(code="operator_failed", message=f"{type(exc).__name__}: {exc}")
+
+    async def _fail_unanswered(self, requests: list[Request], error: ErrorInfo) -> None:
         for request in requests:
             if not request.answered:
                 with contextlib.suppress(Exception):
-                    await request.fail(message, code)
+                    await request.fail(error.message, error.code)
 
-    async def _send(
-        self,
-        reply_to: str,
-        request_id: str,
-        outputs: Mapping[str, TensorLike],
-        parameters: Mapping[str, Any],
-        final: bool,
-        error: tuple[str, str] | None,
-        lease_s: float,
-        attempt: int = 1,
-    ) -> None:
-        encoded = await encode_tensors(outputs, self.data_plane, lease_s)
-        header = ResponseHeader(
-            id=request_id,
-            final=final,
-            error=ErrorInfo(code=error[0], message=error[1]) if error else None,
-            parameters=dict(parameters),
-            tensors=encoded.descriptors,
-            worker=self.spec.worker_id,
-            attempt=attempt,
-        )
-        payload = encode_message(header, encoded.buffers)
-        check_payload(len(payload), self.plane.max_payload, encoded.descriptors, "response")
-        scope = current_scope.get()
-        if scope is not None:
-            scope.hand_on(encoded.forwarded)
-        await self.plane.publish_response(reply_to, payload, final)
+
+_NO_RESPONSE = ErrorInfo(code="no_response", message="the operator returned without a final response")
 
 
 # --- process entry point -----------------------------------------------------------------
