@@ -6,8 +6,9 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .context import current_context
 from .protocol import ErrorInfo, ResponseHeader, encode_message
-from .tensor import TensorLike, check_payload, current_scope, encode_tensors
+from .tensor import TensorLike, check_payload, encode_tensors
 
 if TYPE_CHECKING:
     from .data_plane.plane import DataPlane
@@ -56,7 +57,7 @@ class Responder:
         )
         payload = encode_message(header, encoded.buffers)
         check_payload(len(payload), self.sink.max_payload, encoded.descriptors, "response")
-        scope = current_scope.get()
+        scope = current_context().scope
         if scope is not None:
             scope.hand_on(encoded.forwarded)
         await self.sink.publish_response(reply.reply_to, payload, final)

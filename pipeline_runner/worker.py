@@ -33,7 +33,8 @@ from .operator import Operator, OperatorContext, Request
 from .placement import CUDA_VISIBLE_DEVICES, Device, activate_gpu
 from .protocol import ErrorInfo, decode_request, salvage_reply_to
 from .reply import Responder
-from .remote import Connection, current_deadline, set_default_connection
+from .context import ServingContext, reset_context, set_context
+from .remote import Connection
 from .inbound import Delivery, Inbound
 from .queue_group import QueueGroupInbound
 from .request_plane import (
@@ -43,7 +44,7 @@ from .request_plane import (
     queue_group,
     stats_subject,
 )
-from .tensor import TensorScope, current_scope, decode_tensors
+from .tensor import TensorScope, decode_tensors
 from .work_queue import WorkQueueConsumer, WorkQueueSettings, stream_name
 
 STATUS_FD_ENV = "PIPELINE_RUNNER_STATUS_FD"
@@ -79,11 +80,20 @@ class WorkerSpec(BaseModel):
 class Worker:
     """Serves one operator: takes requests from its inbound, runs batches, sends responses."""
 
-    def __init__(self, spec: WorkerSpec, operator: Operator, plane: RequestPlane, data_plane: DataPlane):
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        operator: Operator,
+        plane: RequestPlane,
+        data_plane: DataPlane,
+        connection: Connection | None = None,
+    ):
         self.spec = spec
         self.operator = operator
         self.plane = plane
         self.data_plane = data_plane
+        #: Handed to the operator's RemoteOperator calls through the serving context.
+        self.connection = connection
         op = spec.operator
         self._subject = operator_subject(spec.deployment, op.name, op.version)
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
@@ -297,9 +307,8 @@ class Worker:
         return None
 
     async def _execute(self, requests: list[Request]) -> None:
-        token = current_deadline.set(max(r.deadline for r in requests))
         scope = TensorScope()
-        scope_token = current_scope.set(scope)
+        token = set_context(ServingContext(self.connection, max(r.deadline for r in requests), scope))
         task = asyncio.current_task()
         assert task is not None
         for request in requests:
@@ -313,8 +322,7 @@ class Worker:
         finally:
             for request in requests:
                 self._running.pop(request.id, None)
-            current_deadline.reset(token)
-            current_scope.reset(scope_token)
+            reset_context(token)
             self.data_plane.release(scope.to_release())
             self.served += len(requests)
 
@@ -374,7 +382,9 @@ async def run_worker(spec: WorkerSpec) -> None:
     )
     data_plane = DataPlane(spec.data_plane)
     await data_plane.start()
-    set_default_connection(Connection(plane, spec.deployment, spec.request_timeout_s, data_plane))
+    connection = Connection(plane, spec.deployment, spec.request_timeout_s, data_plane)
+    # For RemoteOperator handles used outside a request too (setup, the operator's own tasks).
+    set_context(ServingContext(connection=connection))
     context = OperatorContext(
         deployment=spec.deployment,
         operator=op.name,
@@ -392,7 +402,7 @@ async def run_worker(spec: WorkerSpec) -> None:
 
         operator = create_triton_operator(context, op, Path(spec.root))
     await operator.setup()
-    worker = Worker(spec, operator, plane, data_plane)
+    worker = Worker(spec, operator, plane, data_plane, connection)
     try:
         await worker.serve(on_ready=lambda: _report("ready", pid=os.getpid()))
     finally:
