@@ -61,8 +61,12 @@ class Inbound(ABC):
     """A source of requests for one worker. Every delivery must end with :meth:`Delivery.done`."""
 
     @abstractmethod
-    async def start(self, on_delivery: OnDelivery) -> None:
-        """Begin delivering; returns once requests can arrive."""
+    async def start(self, on_delivery: OnDelivery, capacity: Callable[[], int]) -> None:
+        """Begin handing requests to ``on_delivery``; returns once requests can arrive.
+
+        ``capacity()`` is how many more the worker can take now: an inbound that pulls asks
+        for no more; one that is pushed to may deliver more, which the worker refuses.
+        """
 
     @abstractmethod
     async def stop_taking(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from nats.aio.msg import Msg
@@ -28,7 +29,7 @@ class QueueGroupInbound(Inbound):
         self._sub: Subscription | None = None
         self._on_delivery: OnDelivery | None = None
 
-    async def start(self, on_delivery: OnDelivery) -> None:
+    async def start(self, on_delivery: OnDelivery, capacity: Callable[[], int]) -> None:
         # Left over from an at-least-once deployment, the stream would swallow our requests.
         if await remove_work_queue(self._plane.nats, self._work_queue_stream):
             log.info("removed the work queue of %s: delivery is now at most once", self._subject)

@@ -278,16 +278,27 @@ class RequestPlane:
         return answers
 
     async def publish(
-        self, subject: str, payload: bytes, reply: str = "", headers: dict[str, str] | None = None
+        self,
+        subject: str,
+        payload: bytes,
+        reply: str = "",
+        headers: dict[str, str] | None = None,
+        *,
+        size_checked: bool = False,
     ) -> None:
-        """Publish ``payload``; too large a payload fails at once with PayloadTooLargeError."""
-        self.check_payload(len(payload))
+        """Publish ``payload``; too large a payload fails at once with PayloadTooLargeError.
+
+        ``size_checked``: the caller has checked the size already (``tensor.check_payload``,
+        which names the largest tensor), so it is not checked twice.
+        """
+        if not size_checked:
+            self.check_payload(len(payload))
         await self._nc.publish(subject, payload, reply=reply, headers=headers)
 
     async def publish_response(self, subject: str, payload: bytes, final: bool) -> None:
-        """Publish a response; a final one is kept a moment to be published again after a
-        reconnect (see ``_JOURNAL_S``)."""
-        await self.publish(subject, payload)
+        """Publish a response whose size the caller checked; a final one is kept a moment to be
+        published again after a reconnect (see ``_JOURNAL_S``)."""
+        await self.publish(subject, payload, size_checked=True)
         if not final:
             return
         self._journal.append((time.monotonic(), subject, payload))
@@ -356,13 +367,16 @@ class ResponseStream:
         self._queue.put_nowait(msg)
 
     async def send(self, subject: str, payload: bytes) -> None:
-        """Publish the request (kept so it can be re-sent while nobody serves the subject)."""
+        """Publish the request, whose size the caller checked (see ``tensor.check_payload``);
+        it is kept so it can be re-sent while nobody serves the subject."""
         self._subject, self._payload = subject, payload
         await self._publish()
 
     async def _publish(self) -> None:
         headers = {RESEND_HEADER: str(self._resends)} if self._resends else None
-        await self._plane.publish(self._subject, self._payload, reply=self.reply_to, headers=headers)
+        await self._plane.publish(
+            self._subject, self._payload, reply=self.reply_to, headers=headers, size_checked=True
+        )
 
     def _may_resend(self) -> bool:
         # Not once responses were handed out: a second run would repeat them.

@@ -197,7 +197,7 @@ def puback_refusal(data: bytes, subject: str) -> ErrorInfo | None:
 
 
 class WorkQueueConsumer(Inbound):
-    """Pulls requests for one worker, at most ``capacity()`` at a time, and keeps them alive.
+    """Pulls requests for one worker, as many as it has capacity for, and keeps them alive.
 
     Every request is handed on as it arrives. Each must end with ``Delivery.done`` (after its
     final response is sent), which acknowledges it; until then the consumer tells JetStream,
@@ -213,12 +213,11 @@ class WorkQueueConsumer(Inbound):
         self,
         nc: NATS,
         settings: WorkQueueSettings,
-        capacity: Callable[[], int],
     ):
         self._nc = nc
         self.settings = settings
         self._hand_on: OnDelivery | None = None
-        self._capacity = capacity
+        self._capacity: Callable[[], int] = lambda: 0
         self._settle = self._acknowledge  # bound once, shared by every Delivery
         self._held: dict[int, tuple[Msg, float]] = {}
         # Open pull requests, oldest first: [messages the server may still send, expiry].
@@ -237,8 +236,8 @@ class WorkQueueConsumer(Inbound):
         """Requests delivered to this worker and not yet acknowledged."""
         return len(self._held)
 
-    async def start(self, on_delivery: OnDelivery) -> None:
-        self._hand_on = on_delivery
+    async def start(self, on_delivery: OnDelivery, capacity: Callable[[], int]) -> None:
+        self._hand_on, self._capacity = on_delivery, capacity
         await ensure_work_queue(self._nc, self.settings)
         self._sub = await self._nc.subscribe(
             self._deliver, cb=self._on_delivery, pending_msgs_limit=1_000_000, pending_bytes_limit=1 << 30
