@@ -23,8 +23,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from .errors import PayloadTooLargeError, ProtocolError, RequestTimeoutError, RunnerError
-from .nats_security import NatsClientOptions, redact_url
 from .inbound import RESEND_HEADER
+from .nats_security import NatsClientOptions, redact_url
 from .protocol import ErrorInfo, ResponseHeader, decode_response
 from .work_queue import is_puback, puback_refusal
 

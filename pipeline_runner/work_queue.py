@@ -209,11 +209,7 @@ class WorkQueueConsumer(Inbound):
     more messages the server may send) is topped up as slots free.
     """
 
-    def __init__(
-        self,
-        nc: NATS,
-        settings: WorkQueueSettings,
-    ):
+    def __init__(self, nc: NATS, settings: WorkQueueSettings):
         self._nc = nc
         self.settings = settings
         self._hand_on: OnDelivery | None = None
