@@ -2,9 +2,10 @@
 
 It admits requests up to the operator's limits, batches them, runs ``execute`` inside the
 request's serving context, cancels what callers gave up on, refuses redeliveries the operator
-cannot take and turns whatever ``execute`` raised into an :class:`~..protocol.ErrorInfo`. It
-knows nothing of NATS: requests come from an :class:`~..inbound.Inbound`, replies go through a
-:class:`~..reply.Responder`.
+cannot take and turns whatever ``execute`` raised into an
+:class:`~pipeline_runner.protocol.ErrorInfo`. It knows nothing of NATS: requests come from an
+:class:`~pipeline_runner.inbound.Inbound`, replies go through a
+:class:`~pipeline_runner.reply.Responder`.
 """
 
 from __future__ import annotations
