@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal
@@ -19,15 +19,12 @@ import numpy as np
 
 from .errors import BadInputError, OperatorError
 from .kernels.xp import to_device
+from .protocol import ErrorInfo
 from .tensor import Tensor, TensorLike
 
 if TYPE_CHECKING:
     from .data_plane.plane import DataPlane
-
-# Sends one response: (outputs, parameters, final, error) -> None.
-Responder = Callable[
-    [Mapping[str, TensorLike], Mapping[str, Any], bool, "tuple[str, str] | None"], Awaitable[None]
-]
+    from .reply import Reply
 
 
 @dataclass(frozen=True)
@@ -74,7 +71,7 @@ class Request:
         parameters: dict[str, Any],
         inputs: dict[str, Tensor],
         deadline: float,
-        responder: Responder,
+        reply: Reply,
         device: Literal["cpu", "gpu"] = "cpu",
     ):
         self.id = request_id
@@ -83,7 +80,7 @@ class Request:
         self.deadline = deadline  # time.monotonic() value
         #: The serving worker's device: where :meth:`array` puts inputs by default.
         self.device = device
-        self._responder = responder
+        self._reply = reply
         self._final_sent = False
         self._cancelled = False
 
@@ -95,6 +92,10 @@ class Request:
         awaiting operators stop at their next ``await``; batch operators can check this flag.
         """
         return self._cancelled
+
+    def cancel(self) -> None:
+        """Mark the request as given up by its caller (the worker calls this)."""
+        self._cancelled = True
 
     @property
     def answered(self) -> bool:
@@ -133,13 +134,13 @@ class Request:
         unanswered, so the worker can still answer it with the error.
         """
         self._check_open()
-        await self._responder(outputs or {}, parameters or {}, final, None)
+        await self._reply.send(outputs or {}, parameters or {}, final)
         self._final_sent = final
 
     async def fail(self, message: str, code: str = "operator_failed") -> None:
         """Answer the request with an error; this is its final response."""
         self._check_open()
-        await self._responder({}, {}, True, (code, message))
+        await self._reply.fail(ErrorInfo(code=code, message=message))
         self._final_sent = True
 
     def _check_open(self) -> None:

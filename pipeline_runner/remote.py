@@ -3,27 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from .config import DataPlaneConfig
+from .context import current_context
 from .data_plane.plane import DataPlane
 from .errors import OperatorError, RequestTimeoutError, RunnerError
 from .nats_security import NatsClientOptions
 from .operator import Response
 from .protocol import RequestHeader, encode_message
 from .request_plane import RequestPlane, cancel_subject, operator_subject, stats_subject
-from .tensor import TensorLike, check_payload, current_scope, decode_tensors, encode_tensors
+from .tensor import TensorLike, check_payload, decode_tensors, encode_tensors
 
 DEFAULT_TIMEOUT_S = 30.0
-
-# Set by the worker while an operator handles requests, so downstream calls inherit the deadline.
-current_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "pipeline_runner_deadline", default=None
-)
-_default_connection: Connection | None = None
 
 
 class Connection:
@@ -79,17 +72,12 @@ class Connection:
         await self.close()
 
 
-def set_default_connection(connection: Connection | None) -> None:
-    """Make ``connection`` the one RemoteOperator handles use when given none (set by workers)."""
-    global _default_connection
-    _default_connection = connection
-
-
 class RemoteOperator:
     """An async handle on another operator: ``async for response in op.call(inputs): ...``.
 
     Inside a worker the handle uses the worker's connection and inherits the deadline of the
-    request being served; elsewhere pass ``connection=``.
+    request being served (both from the serving context, see :mod:`pipeline_runner.context`);
+    elsewhere pass ``connection=``.
     """
 
     def __init__(self, name: str, version: int = 1, *, connection: Connection | None = None):
@@ -99,21 +87,13 @@ class RemoteOperator:
 
     @property
     def connection(self) -> Connection:
-        connection = self._connection or _default_connection
+        connection = self._connection or current_context().connection
         if connection is None:
             raise RunnerError(
                 f"RemoteOperator({self.name!r}) has no connection: pass connection= "
                 "outside a worker (see Connection.connect)"
             )
         return connection
-
-    def _timeout(self, timeout_s: float | None) -> float:
-        if timeout_s is not None:
-            return timeout_s
-        inherited = current_deadline.get()
-        if inherited is not None:
-            return max(inherited - time.monotonic(), 0.001)
-        return self.connection.default_timeout_s
 
     async def call(
         self,
@@ -127,12 +107,13 @@ class RemoteOperator:
         Raises :class:`OperatorError` when the operator answers with an error and
         :class:`RequestTimeoutError` when no final response arrives in time.
         """
+        context = current_context()
         connection = self.connection
         plane, data_plane = connection.plane, connection.data_plane
         subject = operator_subject(connection.deployment, self.name, self.version)
-        timeout = self._timeout(timeout_s)
+        timeout = timeout_s if timeout_s is not None else context.time_left(connection.default_timeout_s)
         encoded = await encode_tensors(inputs or {}, data_plane, lease_s=timeout)
-        scope = current_scope.get()
+        scope = context.scope
         came_back: set[tuple[str, str]] = set()
         sent_id: str | None = None
         final_seen = False

@@ -23,8 +23,10 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from .errors import PayloadTooLargeError, ProtocolError, RequestTimeoutError, RunnerError
+from .inbound import RESEND_HEADER
 from .nats_security import NatsClientOptions, redact_url
 from .protocol import ErrorInfo, ResponseHeader, decode_response
+from .work_queue import is_puback, puback_refusal
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +36,6 @@ _NO_RESPONDERS = "503"
 _RETRY_FIRST_S = 0.02
 _RETRY_MAX_S = 0.5
 _FIRST_CONNECT_ATTEMPTS = 3
-# JetStream's answers when an operator's work queue is full (max messages / max bytes).
-_QUEUE_FULL_ERRORS = {10077, 10078}
-# NATS header on a request sent again by its caller (the count of resends), after the caller's
-# connection to NATS broke while the request was open: its response may have been lost.
-RESEND_HEADER = "PR-Resend"
 # Final responses are kept this long, and at least until a flush sent after them came back: a
 # cluster member that dies may take responses it accepted (but had not routed on) with it, and
 # they are published again after the reconnect. Bounded in bytes.
@@ -281,16 +278,27 @@ class RequestPlane:
         return answers
 
     async def publish(
-        self, subject: str, payload: bytes, reply: str = "", headers: dict[str, str] | None = None
+        self,
+        subject: str,
+        payload: bytes,
+        reply: str = "",
+        headers: dict[str, str] | None = None,
+        *,
+        size_checked: bool = False,
     ) -> None:
-        """Publish ``payload``; too large a payload fails at once with PayloadTooLargeError."""
-        self.check_payload(len(payload))
+        """Publish ``payload``; too large a payload fails at once with PayloadTooLargeError.
+
+        ``size_checked``: the caller has checked the size already (``tensor.check_payload``,
+        which names the largest tensor), so it is not checked twice.
+        """
+        if not size_checked:
+            self.check_payload(len(payload))
         await self._nc.publish(subject, payload, reply=reply, headers=headers)
 
     async def publish_response(self, subject: str, payload: bytes, final: bool) -> None:
-        """Publish a response; a final one is kept a moment to be published again after a
-        reconnect (see ``_JOURNAL_S``)."""
-        await self.publish(subject, payload)
+        """Publish a response whose size the caller checked; a final one is kept a moment to be
+        published again after a reconnect (see ``_JOURNAL_S``)."""
+        await self.publish(subject, payload, size_checked=True)
         if not final:
             return
         self._journal.append((time.monotonic(), subject, payload))
@@ -359,13 +367,16 @@ class ResponseStream:
         self._queue.put_nowait(msg)
 
     async def send(self, subject: str, payload: bytes) -> None:
-        """Publish the request (kept so it can be re-sent while nobody serves the subject)."""
+        """Publish the request, whose size the caller checked (see ``tensor.check_payload``);
+        it is kept so it can be re-sent while nobody serves the subject."""
         self._subject, self._payload = subject, payload
         await self._publish()
 
     async def _publish(self) -> None:
         headers = {RESEND_HEADER: str(self._resends)} if self._resends else None
-        await self._plane.publish(self._subject, self._payload, reply=self.reply_to, headers=headers)
+        await self._plane.publish(
+            self._subject, self._payload, reply=self.reply_to, headers=headers, size_checked=True
+        )
 
     def _may_resend(self) -> bool:
         # Not once responses were handed out: a second run would repeat them.
@@ -413,13 +424,13 @@ class ResponseStream:
                     if self.time_left() > 0:
                         await self._publish()
                     continue
-                if msg.data[:1] == b"{":
+                if is_puback(msg.data):
                     # The operator's JetStream work queue took the request (or refused it).
                     self._stored_in_queue = True
-                    refusal = self._stored(msg.data)
+                    refusal = puback_refusal(msg.data, self._subject)
                     if refusal is not None:
                         self._done = True
-                        yield refusal, memoryview(b"")
+                        yield ResponseHeader(id=self.request_id, error=refusal), memoryview(b"")
                     continue
                 try:
                     header, body = decode_response(msg.data)
@@ -443,28 +454,6 @@ class ResponseStream:
                 yield header, body
         finally:
             self.close()
-
-    def _stored(self, data: bytes) -> ResponseHeader | None:
-        """An error response for a PubAck that refused the request; None when it was stored."""
-        if b'"error"' not in data:  # the common case, without parsing
-            return None
-        try:
-            ack = json.loads(data)
-        except ValueError:
-            raise ProtocolError(f"malformed answer on {self._subject}: {bytes(data[:80])!r}") from None
-        error = ack.get("error") if isinstance(ack, dict) else None
-        if not error:
-            return None
-        description = error.get("description", error)
-        if error.get("err_code") in _QUEUE_FULL_ERRORS:
-            code = "overloaded"
-            message = (
-                f"the work queue of {self._subject} is full ({description}): its workers already "
-                "hold workers x (max_inflight_requests + max_queued_requests) requests"
-            )
-        else:
-            code, message = "not_accepted", f"the work queue of {self._subject} refused the request: {description}"
-        return ResponseHeader(id=self.request_id, error=ErrorInfo(code=code, message=message))
 
     def _worker_lost_mid_stream(self, attempt: int) -> ResponseHeader:
         message = (

@@ -13,13 +13,13 @@ response. Every published tensor also has a lease that ends with its request's d
 
 from __future__ import annotations
 
-import contextvars
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
+from .context import current_context
 from .errors import PayloadTooLargeError, ProtocolError, RequestTooLargeError
 from .kernels.xp import to_device
 from .protocol import (
@@ -79,7 +79,10 @@ class Tensor:
         return self._remote
 
     async def array(self, memory_type: str = "cpu") -> Any:
-        """The values: NumPy (read-only when decoded from a message), or CuPy for ``'gpu'``."""
+        """The values: NumPy (read-only when decoded from a message), or CuPy for ``'gpu'``.
+
+        A fetch while a request is served gives up at its deadline (see ServingContext).
+        """
         if self._array is None:
             assert self._remote is not None
             if self._data_plane is None:
@@ -87,7 +90,8 @@ class Tensor:
                     f"tensor {self.name!r} is held by the data plane at {self._remote.address}, "
                     "and no data plane is configured in this process"
                 )
-            self._array = await self._data_plane.fetch(self._remote, memory_type)
+            deadline = current_context().deadline
+            self._array = await self._data_plane.fetch(self._remote, memory_type, deadline=deadline)
         return _on(self._array, memory_type)
 
     def __repr__(self) -> str:
@@ -206,7 +210,3 @@ class TensorScope:
     def to_release(self) -> list[RemoteTensor]:
         return [d for key, d in self._received.items() if key not in self._handed_on]
 
-
-current_scope: contextvars.ContextVar[TensorScope | None] = contextvars.ContextVar(
-    "pipeline_runner_tensor_scope", default=None
-)

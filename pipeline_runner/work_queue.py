@@ -6,6 +6,9 @@ address with a PubAck); workers pull only as many requests as they have free slo
 progress while they work, and acknowledge a request after its final response is sent. A
 request whose worker goes silent for ``ack_wait`` is delivered to another worker.
 
+What is particular to JetStream stays here: the stream and consumer, pull credit, progress acks,
+a message's metadata (delivery count, when it was stored) and the PubAck a caller receives.
+
 Like the rest of the request plane, this module knows subjects and messages, not tensors.
 """
 
@@ -28,7 +31,9 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import api
 
-from .errors import RunnerError
+from .errors import ProtocolError, RunnerError
+from .inbound import Delivery, Inbound, OnDelivery, resend_count
+from .protocol import ErrorInfo
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,8 @@ _PULL_EXPIRES_S = 5.0
 _API_TIMEOUT_S = 5.0
 _ERR_STREAM_CONFIG_DIFFERS = 10058
 _ERR_STORAGE_CHANGE = 10052
+# JetStream's answers when an operator's work queue is full (max messages / max bytes).
+_QUEUE_FULL_ERRORS = {10077, 10078}
 
 
 def stream_name(deployment: str, operator: str, version: int) -> str:
@@ -161,11 +168,39 @@ async def remove_work_queue(nc: NATS, stream: str) -> bool:
         return False
 
 
-class WorkQueueConsumer:
-    """Pulls requests for one worker, at most ``capacity()`` at a time, and keeps them alive.
+def is_puback(data: bytes) -> bool:
+    """True for a work queue's answer to a caller's publish (JSON; framed messages never start so)."""
+    return data[:1] == b"{"
 
-    ``on_message`` is called for every delivered request as it arrives. Each must end with
-    :meth:`done` (after its final response is sent); until then the consumer tells JetStream,
+
+def puback_refusal(data: bytes, subject: str) -> ErrorInfo | None:
+    """Why the work queue of ``subject`` refused a request, from its PubAck; None when stored."""
+    if b'"error"' not in data:  # the common case, without parsing
+        return None
+    try:
+        ack = json.loads(data)
+    except ValueError:
+        raise ProtocolError(f"malformed answer on {subject}: {bytes(data[:80])!r}") from None
+    error = ack.get("error") if isinstance(ack, dict) else None
+    if not error:
+        return None
+    description = error.get("description", error)
+    if error.get("err_code") in _QUEUE_FULL_ERRORS:
+        return ErrorInfo(
+            code="overloaded",
+            message=(
+                f"the work queue of {subject} is full ({description}): its workers already "
+                "hold workers x (max_inflight_requests + max_queued_requests) requests"
+            ),
+        )
+    return ErrorInfo(code="not_accepted", message=f"the work queue of {subject} refused the request: {description}")
+
+
+class WorkQueueConsumer(Inbound):
+    """Pulls requests for one worker, as many as it has capacity for, and keeps them alive.
+
+    Every request is handed on as it arrives. Each must end with ``Delivery.done`` (after its
+    final response is sent), which acknowledges it; until then the consumer tells JetStream,
     every third of ``ack_wait``, that the request is still being worked on.
 
     Pull requests are sent by hand rather than through nats-py's ``fetch``, whose batches are
@@ -174,17 +209,12 @@ class WorkQueueConsumer:
     more messages the server may send) is topped up as slots free.
     """
 
-    def __init__(
-        self,
-        nc: NATS,
-        settings: WorkQueueSettings,
-        on_message: Callable[[Msg], None],
-        capacity: Callable[[], int],
-    ):
+    def __init__(self, nc: NATS, settings: WorkQueueSettings):
         self._nc = nc
         self.settings = settings
-        self._on_message = on_message
-        self._capacity = capacity
+        self._hand_on: OnDelivery | None = None
+        self._capacity: Callable[[], int] = lambda: 0
+        self._settle = self._acknowledge  # bound once, shared by every Delivery
         self._held: dict[int, tuple[Msg, float]] = {}
         # Open pull requests, oldest first: [messages the server may still send, expiry].
         self._pulls: deque[list[float]] = deque()
@@ -202,7 +232,8 @@ class WorkQueueConsumer:
         """Requests delivered to this worker and not yet acknowledged."""
         return len(self._held)
 
-    async def start(self) -> None:
+    async def start(self, on_delivery: OnDelivery, capacity: Callable[[], int]) -> None:
+        self._hand_on, self._capacity = on_delivery, capacity
         await ensure_work_queue(self._nc, self.settings)
         self._sub = await self._nc.subscribe(
             self._deliver, cb=self._on_delivery, pending_msgs_limit=1_000_000, pending_bytes_limit=1 << 30
@@ -212,19 +243,19 @@ class WorkQueueConsumer:
         await self._pull()
         self._ticker = asyncio.create_task(self._tick())
 
-    async def refill(self) -> None:
-        """Capacity was freed: top up the credit."""
+    async def capacity_freed(self) -> None:
+        """Top up the credit."""
         if self._pulling:
             await self._pull()
 
-    async def done(self, msg: Msg) -> None:
-        """Acknowledge ``msg``: JetStream deletes it and never delivers it again."""
+    async def _acknowledge(self, msg: Msg) -> None:
+        """JetStream deletes ``msg`` and never delivers it again."""
         self._held.pop(id(msg), None)
         with contextlib.suppress(Exception):  # NATS away: it is redelivered, callers dedup
             await msg.ack()
 
-    async def stop_pulling(self) -> None:
-        """Take no more requests; held ones still need :meth:`done` (or are redelivered)."""
+    async def stop_taking(self) -> None:
+        """Take no more requests; held ones still need ``done`` (or are redelivered)."""
         self._pulling = False
         if self._sub is not None:
             with contextlib.suppress(Exception):
@@ -232,8 +263,8 @@ class WorkQueueConsumer:
             self._sub = None
         self._pulls.clear()
 
-    async def stop(self) -> None:
-        await self.stop_pulling()
+    async def close(self) -> None:
+        await self.stop_taking()
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -274,7 +305,8 @@ class WorkQueueConsumer:
                     self._pulls.popleft()
             self._broken_since = None
             self._held[id(msg)] = (msg, time.monotonic())
-            self._on_message(msg)
+            assert self._hand_on is not None
+            await self._hand_on(self._delivery(msg))
             return
         if status in ("404", "408"):  # the oldest pull request ended (none left / expired)
             if self._pulls:
@@ -291,6 +323,15 @@ class WorkQueueConsumer:
                             msg.headers.get("Description", "") if msg.headers else "")
             return
         await self._pull()
+
+    def _delivery(self, msg: Msg) -> Delivery:
+        metadata = msg.metadata
+        # A caller's resends count as attempts too, like JetStream's own redeliveries.
+        attempt = metadata.num_delivered + resend_count(msg.headers)
+        # The deadline counts from when the caller sent it, however long it waited here.
+        sent_at = time.monotonic() - (time.time() - metadata.timestamp.timestamp())
+        # msg.reply is JetStream's ack subject: the caller's reply subject is in the header.
+        return Delivery(msg.data, None, attempt, sent_at, self._settle, msg)
 
     async def _tick(self) -> None:
         """Progress for held requests; recover pulls lost to reconnects or a vanished stream."""

@@ -33,6 +33,7 @@ from pipeline_runner.placement import (
     worker_environment,
 )
 from pipeline_runner.protocol import encode_inline_tensors
+from pipeline_runner.reply import Responder
 from pipeline_runner.tensor import decode_tensors
 from pipeline_runner.worker import WorkerSpec
 
@@ -302,8 +303,16 @@ def test_a_cpu_context_gives_numpy_and_leaves_numpy_arrays_alone() -> None:
 async def _request(inputs: dict[str, np.ndarray], device: str) -> Request:
     descriptors, buffers = encode_inline_tensors(inputs)
     body = memoryview(b"".join(bytes(b) for b in buffers))
-    async def responder(*_: object) -> None: ...
-    return Request("r", {}, decode_tensors(descriptors, body), time.monotonic() + 5, responder, device=device)
+    deadline = time.monotonic() + 5
+    reply = Responder(_NoSink(), None, "op.0").reply("reply.subject", "r", 1, deadline)
+    return Request("r", {}, decode_tensors(descriptors, body), deadline, reply, device=device)
+
+
+class _NoSink:
+    max_payload = 1 << 20
+
+    async def publish_response(self, subject: str, payload: bytes, final: bool) -> None:
+        raise AssertionError("these tests send no responses")
 
 
 async def test_request_array_gives_numpy_on_a_cpu_worker() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
 from typing import Any
 
@@ -117,8 +118,12 @@ class DataPlane:
             address=self.address, tensor_id=tensor_id,
         )  # fmt: skip
 
-    async def fetch(self, desc: RemoteTensor, memory_type: str = "cpu") -> Any:
-        """The tensor ``desc`` describes: NumPy, or CuPy when ``memory_type`` is ``'gpu'``."""
+    async def fetch(self, desc: RemoteTensor, memory_type: str = "cpu", deadline: float | None = None) -> Any:
+        """The tensor ``desc`` describes: NumPy, or CuPy when ``memory_type`` is ``'gpu'``.
+
+        Gives up at ``deadline`` (a ``time.monotonic()`` value) or after ``fetch_timeout_s``,
+        whichever comes first.
+        """
         await self.start()
         want_gpu = memory_type == "gpu" and _is_fixed_width(desc.dtype)
         move = f"{desc.memory_type}->{'gpu' if want_gpu else 'cpu'}"
@@ -134,7 +139,10 @@ class DataPlane:
             out: Any = cupy.empty(desc.nbytes, dtype=cupy.uint8)
         else:
             out = self.buffers.take(desc.nbytes)
-        await self._transport.fetch(desc.address, desc.tensor_id, out, self.config.fetch_timeout_s)
+        timeout_s = self.config.fetch_timeout_s
+        if deadline is not None:
+            timeout_s = max(min(timeout_s, deadline - time.monotonic()), 0.001)
+        await self._transport.fetch(desc.address, desc.tensor_id, out, timeout_s)
         self.fetched_from[desc.address] += 1
         self.fetched_memory[move] += 1
         return _as_array(desc, out, want_gpu)

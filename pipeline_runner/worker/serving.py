@@ -1,0 +1,277 @@
+"""The serving loop of one worker: deliveries in, batches through the operator, replies out.
+
+It admits requests up to the operator's limits, batches them, runs ``execute`` inside the
+request's serving context, cancels what callers gave up on, refuses redeliveries the operator
+cannot take and turns whatever ``execute`` raised into an
+:class:`~pipeline_runner.protocol.ErrorInfo`. It knows nothing of NATS: requests come from an
+:class:`~pipeline_runner.inbound.Inbound`, replies go through a
+:class:`~pipeline_runner.reply.Responder`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..capacity import default_max_request_bytes
+from ..config import OperatorConfig
+from ..context import ServingContext, reset_context, set_context
+from ..errors import BadInputError, OperatorError, ProtocolError
+from ..inbound import Delivery, Inbound
+from ..operator import Operator, Request
+from ..protocol import ErrorInfo, decode_request, salvage_reply_to
+from ..reply import Responder
+from ..request_plane import operator_subject
+from ..tensor import TensorScope, check_request_size, decode_tensors
+from .spec import WorkerSpec
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ..data_plane.plane import DataPlane
+    from ..remote import Connection
+
+log = logging.getLogger("pipeline_runner.worker")
+
+# Requests cancelled before they started are remembered, up to this many.
+_CANCELLED_EARLY_MAX = 10_000
+_NO_RESPONSE = ErrorInfo(code="no_response", message="the operator returned without a final response")
+
+
+class Worker:
+    """Serves one operator: takes requests from its inbound, runs batches, sends responses."""
+
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        operator: Operator,
+        *,
+        inbound: Inbound,
+        responder: Responder,
+        data_plane: DataPlane | None,
+        connection: Connection | None = None,
+    ):
+        self.spec = spec
+        self.operator = operator
+        self.inbound = inbound
+        self.responder = responder
+        self.data_plane = data_plane
+        #: Handed to the operator's RemoteOperator calls through the serving context.
+        self.connection = connection
+        op = spec.operator
+        self._subject = operator_subject(spec.deployment, op.name, op.version)
+        self._max_request_bytes = op.max_request_bytes or default_max_request_bytes()
+        self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._slots = asyncio.Semaphore(op.max_inflight_requests)
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Requests received and not yet finished, wherever they are (queue, dispatcher, batch).
+        self._unfinished = 0
+        # Requests being executed: id -> (request, the task running its batch).
+        self._running: dict[str, tuple[Request, asyncio.Task[Any]]] = {}
+        self._cancelled_early: dict[str, None] = {}  # cancelled before they started (bounded)
+        self._stopping = asyncio.Event()
+        self.served = 0
+        self.cancelled = 0
+        self.redelivered = 0
+
+    async def serve(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Serve until :meth:`stop`, then drain the unfinished requests and return."""
+        op = self.spec.operator
+        await self.inbound.start(self._on_delivery, capacity=self._free_slots)
+        dispatcher = asyncio.create_task(self._dispatch())
+        log.info("serving %s as %s (delivery %s)", self._subject, self.spec.worker_id, op.delivery.mode)
+        if on_ready:
+            on_ready()
+        await self._stopping.wait()
+        log.info("stopping: draining %d unfinished requests", self._unfinished)
+        await self.inbound.stop_taking()
+        deadline = time.monotonic() + self.spec.drain_timeout_s
+        while self._unfinished and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        dispatcher.cancel()
+        await self.inbound.close()
+        log.info("stopped after serving %d requests", self.served)
+
+    def stop(self) -> None:
+        """Take no more requests; :meth:`serve` returns once the unfinished ones are done."""
+        self._stopping.set()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "served": self.served,
+            "cancelled": self.cancelled,
+            "redelivered": self.redelivered,
+            "unfinished": self._unfinished,
+            "operator_stats": self.operator.stats(),
+        }
+
+    def cancel(self, request_id: str) -> None:
+        """The caller of ``request_id`` gave up: stop working on it (or never start)."""
+        entry = self._running.get(request_id)
+        if entry is None:
+            self._cancelled_early[request_id] = None
+            while len(self._cancelled_early) > _CANCELLED_EARLY_MAX:
+                self._cancelled_early.pop(next(iter(self._cancelled_early)))
+            return
+        request, task = entry
+        request.cancel()
+        log.info("request %s cancelled by its caller", request_id)
+        batch = [r for r, t in self._running.values() if t is task]
+        if all(r.cancelled for r in batch):
+            task.cancel()
+
+    # --- admission and batching -----------------------------------------------------------
+
+    def _free_slots(self) -> int:
+        return self.spec.operator.max_inflight_requests - self._unfinished
+
+    async def _on_delivery(self, delivery: Delivery) -> None:
+        op = self.spec.operator
+        if self._unfinished >= op.max_inflight_requests + op.max_queued_requests:
+            await self._refuse(delivery, f"{self.spec.worker_id} already holds {self._unfinished} requests "
+                               f"(max_inflight_requests={op.max_inflight_requests}, "
+                               f"max_queued_requests={op.max_queued_requests})")
+            return
+        self._unfinished += 1
+        self._queue.put_nowait(delivery)
+
+    async def _refuse(self, delivery: Delivery, why: str) -> None:
+        """Answer at once with an 'overloaded' error instead of queueing without bound."""
+        try:
+            header, _ = decode_request(delivery.data)
+            reply_to, request_id = header.reply_to, header.id
+        except ProtocolError:
+            reply_to, request_id = delivery.reply_to or salvage_reply_to(delivery.data), ""
+        if reply_to:
+            with contextlib.suppress(Exception):
+                reply = self.responder.reply(reply_to, request_id, delivery.attempt)
+                await reply.fail(ErrorInfo(code="overloaded", message=why))
+        await delivery.done()
+
+    async def _dispatch(self) -> None:
+        max_batch = self.spec.operator.max_batch_size
+        while True:
+            delivery = await self._queue.get()
+            await self._slots.acquire()
+            batch = [delivery]
+            while len(batch) < max_batch and not self._queue.empty() and not self._slots.locked():
+                await self._slots.acquire()
+                batch.append(self._queue.get_nowait())
+            task = asyncio.create_task(self._run_batch(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run_batch(self, deliveries: list[Delivery]) -> None:
+        requests: list[Request] = []
+        try:
+            requests = [request for d in deliveries if (request := await self._decode(d)) is not None]
+            if requests:
+                await self._execute(requests)
+        except Exception:  # a bug here must not kill the dispatcher or leak slots
+            log.exception("internal error while serving a batch")
+        finally:
+            # Every request of the batch has its final response sent (or never will): only now
+            # may the inbound forget it.
+            for delivery in deliveries:
+                await delivery.done()
+            # Counted once the request is out of the way (acknowledged, its slot free).
+            self.cancelled += sum(1 for r in requests if r.cancelled)
+            for _ in deliveries:
+                self._slots.release()
+            self._unfinished -= len(deliveries)
+            await self.inbound.capacity_freed()
+
+    async def _decode(self, delivery: Delivery) -> Request | None:
+        """The request to run, or None when it was answered (or needs no answer) already."""
+        try:
+            header, body = decode_request(delivery.data)
+            check_request_size(header.tensors, self._max_request_bytes)
+            inputs = decode_tensors(header.tensors, body, self.data_plane)
+        except ProtocolError as exc:
+            log.warning("rejected malformed request on %s: %s", self._subject, exc)
+            reply_to = delivery.reply_to or salvage_reply_to(delivery.data)
+            if reply_to:
+                reply = self.responder.reply(reply_to, "", delivery.attempt)
+                await reply.fail(ErrorInfo(code=exc.code, message=str(exc)))
+            return None
+        if header.id in self._cancelled_early:
+            del self._cancelled_early[header.id]
+            return None  # the caller gave up before we started
+        deadline = delivery.deadline(header.timeout_s)
+        if deadline <= time.monotonic():
+            return None  # its caller has already given up (it waited in a work queue)
+        attempt = delivery.attempt
+        reply = self.responder.reply(header.reply_to, header.id, attempt, deadline)
+        if attempt > 1:
+            self.redelivered += 1
+            log.warning("request %s delivered again (attempt %d): a worker holding it died, "
+                        "or its caller lost its NATS connection", header.id, attempt)
+            refusal = redelivery_refusal(self.spec.operator, attempt)
+            if refusal is not None:
+                await reply.fail(ErrorInfo(code="worker_lost", message=refusal))
+                return None
+        return Request(header.id, header.parameters, inputs, deadline, reply, device=self.spec.device)
+
+    # --- running ----------------------------------------------------------------------------
+
+    async def _execute(self, requests: list[Request]) -> None:
+        scope = TensorScope()
+        token = set_context(ServingContext(self.connection, max(r.deadline for r in requests), scope))
+        task = asyncio.current_task()
+        assert task is not None
+        for request in requests:
+            self._running[request.id] = (request, task)
+        try:
+            await self.operator.execute(requests)
+        except Exception as exc:
+            await self._fail_unanswered(requests, self._error_for(exc))
+        else:
+            await self._fail_unanswered(requests, _NO_RESPONSE)
+        finally:
+            for request in requests:
+                self._running.pop(request.id, None)
+            reset_context(token)
+            if self.data_plane is not None:
+                self.data_plane.release(scope.to_release())
+            self.served += len(requests)
+
+    def _error_for(self, exc: Exception) -> ErrorInfo:
+        """What the callers of a batch learn when ``execute`` raised ``exc``."""
+        if isinstance(exc, BadInputError):
+            return ErrorInfo(code="bad_input", message=str(exc))
+        if isinstance(exc, OperatorError):  # a downstream operator's error keeps its code
+            return ErrorInfo(code=exc.code, message=str(exc))
+        log.error("operator %s raised", self.spec.operator.name, exc_info=exc)
+        return ErrorInfo(code="operator_failed", message=f"{type(exc).__name__}: {exc}")
+
+    async def _fail_unanswered(self, requests: list[Request], error: ErrorInfo) -> None:
+        for request in requests:
+            if not request.answered:
+                with contextlib.suppress(Exception):
+                    await request.fail(error.message, error.code)
+
+
+def redelivery_refusal(op: OperatorConfig, attempt: int) -> str | None:
+    """Why a request delivered for the ``attempt``-th time must not run, if it must not."""
+    if attempt > 1 and op.delivery.mode == "at_most_once":
+        return (
+            "its caller lost its NATS connection and sent this request again; operator "
+            f"{op.name!r} has delivery.mode 'at_most_once', so it was not run again (an "
+            "earlier run's answer may have been lost with the connection)"
+        )
+    if attempt > 1 and not op.delivery.idempotent:
+        return (
+            "this request was delivered again (the worker handling it died, or its caller "
+            f"lost its NATS connection and sent it again); operator {op.name!r} is not "
+            "idempotent (delivery.idempotent: false), so it was not run again"
+        )
+    if attempt > op.delivery.max_attempts:
+        return (
+            f"{attempt - 1} earlier attempts at this request were lost (workers of operator "
+            f"{op.name!r} died handling it, or its caller's NATS connection broke) "
+            f"(delivery.max_attempts: {op.delivery.max_attempts}); giving up"
+        )
+    return None
