@@ -135,7 +135,7 @@ async def test_32_concurrent_fetches_to_one_and_to_two_peers(consumer: UcxTransp
             assert np.array_equal(outs[i], data), f"fetch {i} arrived corrupted"
         assert consumer.stats["fetches"] == 64
         # One endpoint per peer, reused by every fetch.
-        assert sorted(consumer._peers) == sorted([first.address, second.address])
+        assert sorted(consumer.peers) == sorted([first.address, second.address])
 
 
 async def test_unknown_or_freed_id_fails_fast_and_names_it(consumer: UcxTransport) -> None:
@@ -178,7 +178,7 @@ async def test_killed_producer_fails_fetches_within_the_timeout(consumer: UcxTra
         with pytest.raises(DataPlaneError, match=f"peer process {peer.pid}"):
             await consumer.fetch(peer.address, "big", np.empty(64 * MiB, np.uint8), 20.0)
         assert time.monotonic() - started < 1.0
-        assert peer.address not in consumer._peers  # the endpoint was dropped
+        assert peer.address not in consumer.peers  # the endpoint was dropped
     async with producer() as other:  # the consumer still works
         expected = await other.put("x", MiB, seed=7)
         out = np.empty(MiB, np.uint8)
@@ -206,7 +206,7 @@ async def test_a_peer_on_another_host_is_reached_over_tcp(consumer: UcxTransport
             out = np.empty(size, np.uint8)
             await consumer.fetch(peer.address, f"t{size}", out, 10.0)
             assert np.array_equal(out, expected)
-        assert not consumer._peers[peer.address].local
+        assert not consumer.peers[peer.address].local
         with pytest.raises(DataPlaneError, match="no-such-tensor"):
             await consumer.fetch(peer.address, "no-such-tensor", np.empty(8, np.uint8), 10.0)
         await peer.put("big", 64 * MiB)
