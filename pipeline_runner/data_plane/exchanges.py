@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from . import wire
 from .errors import DataPlaneError
@@ -34,7 +36,10 @@ class TransferStats:
         self.bytes_served += nbytes
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        return {
+            "bytes_served": self.bytes_served, "fetches_served": self.fetches_served,
+            "bytes_fetched": self.bytes_fetched, "fetches": self.fetches,
+        }  # fmt: skip
 
 
 class Fetch:
@@ -58,7 +63,7 @@ class Fetch:
         self.tensor_id = tensor_id
         self.nbytes = nbytes
         self.future = future
-        self.status = wire.status_buffer()
+        self.status = np.empty(wire.STATUS_MAX_BYTES, np.uint8)
         self.ctrl_req: Any = None
         self.status_req: Any = None
         self.data_req: Any = None
@@ -105,10 +110,10 @@ class Fetch:
                 status = wire.decode_status(self.status)
                 code, message = status.code, status.message
             except DataPlaneError as error:
-                code, message = wire.Status.FAILED, str(error)
+                code, message = wire.FAILED, str(error)
             self._cancel(self.data_req)  # no payload follows a status
             self.data_req = None
-            if code == wire.Status.OK:
+            if code == wire.OK:
                 self._done()
             else:
                 self.fail(DataPlaneError(message or f"the producer refused {self.tensor_id!r} (status {code})"))

@@ -14,7 +14,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from .errors import DataPlaneError
@@ -39,14 +38,6 @@ SAFETY_TICK_S = 0.5
 _NEVER_DROPPED: list[Any] = []  # see Progress.keep
 
 
-@dataclass(slots=True)
-class _Watched:
-    request: Any
-    callback: Callback
-    active: bool
-    kept: Any  # alive while UCX may use it (the request's buffer)
-
-
 class Progress:
     """Progresses one UCX worker on one event loop and calls back when requests complete.
 
@@ -60,27 +51,25 @@ class Progress:
     def __init__(self, worker: Any, loop: asyncio.AbstractEventLoop):
         self._worker = worker
         self._loop = loop
-        self._pending: dict[int, _Watched] = {}  # by id(request)
+        # id(request) -> [request, callback, active, object kept alive while UCX may use it]
+        # (a list, not an object: this is on every request's path)
+        self._pending: dict[int, list[Any]] = {}
         self._active = 0
         self._timers: set[asyncio.TimerHandle] = set()
         self._spinner: asyncio.Task[None] | None = None
         self._tick: asyncio.TimerHandle | None = None
-        self._closed = False
+        self.closed = False  # read-only outside; an attribute, not a property: read per message
         worker.init_blocking_progress_mode()
         self._fd = worker.epoll_file_descriptor
         loop.add_reader(self._fd, self._on_event)
         worker.arm()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     def watch(self, req: Any, callback: Callback, *, keep: Any, active: bool = True) -> None:
         """Call ``callback`` when ``req`` completes; ``keep`` stays referenced until then."""
         if req.completed:
             callback(error_of(req))
             return
-        self._pending[id(req)] = _Watched(req, callback, active, keep)
+        self._pending[id(req)] = [req, callback, active, keep]
         if active:
             self._active += 1
             self.kick()
@@ -90,19 +79,19 @@ class Progress:
     def demote(self, req: Any) -> None:
         """Keep watching ``req`` (and its buffer), but stop polling the worker for it."""
         entry = self._pending.get(id(req))
-        if entry is not None and entry.request is req and entry.active:
-            entry.active = False
+        if entry is not None and entry[0] is req and entry[2]:
+            entry[2] = False
             self._active -= 1
 
     def discard(self, req: Any) -> None:
         """Stop watching ``req`` without a callback; dropping it cancels it in UCX."""
         entry = self._pending.get(id(req))
-        if entry is not None and entry.request is req:
+        if entry is not None and entry[0] is req:
             del self._pending[id(req)]
-            self._active -= entry.active
+            self._active -= entry[2]
 
     def discard_later(self, reqs: list[Any], delay_s: float) -> None:
-        if not reqs or self._closed:
+        if not reqs or self.closed:
             return
 
         def discard() -> None:
@@ -120,12 +109,12 @@ class Progress:
 
     def kick(self) -> None:
         """Poll the worker from the next loop iteration on (until idle and lingered)."""
-        if not self._closed and (self._spinner is None or self._spinner.done()):
+        if not self.closed and (self._spinner is None or self._spinner.done()):
             self._spinner = self._loop.create_task(self._poll())
 
     def close(self) -> None:
         """Stop progressing; every request still watched is called back with an error."""
-        self._closed = True
+        self.closed = True
         if self._spinner is not None:
             self._spinner.cancel()
         if self._tick is not None:
@@ -137,8 +126,8 @@ class Progress:
         pending, self._pending = self._pending, {}
         self._active = 0
         stopped = DataPlaneError("the UCX transport was stopped")
-        for entry in pending.values():
-            _call(entry.callback, stopped)
+        for _, callback, _, _ in pending.values():
+            _call(callback, stopped)
 
     def _advance(self) -> bool:
         """Progress the worker (for at most ``PROGRESS_BUDGET_S``) and run the callbacks of
@@ -159,24 +148,24 @@ class Progress:
     def _collect(self) -> bool:
         """Run the callbacks of the requests that completed; True if any ran."""
         pending = self._pending
-        done = [key for key, entry in pending.items() if entry.request.completed]
+        done = [key for key, entry in pending.items() if entry[0].completed]
         if not done:
             return False
         entries = [pending.pop(key) for key in done]  # callbacks may watch and discard others
-        for entry in entries:
-            self._active -= entry.active
-            _call(entry.callback, error_of(entry.request))
+        for req, callback, active, _ in entries:
+            self._active -= active
+            _call(callback, error_of(req))
         return True
 
     def _on_event(self) -> None:
-        if self._closed:
+        if self.closed:
             return
         self._advance()
         self.kick()  # linger: the next message of an exchange is usually right behind
 
     def _on_tick(self) -> None:
         self._tick = None
-        if self._closed:
+        if self.closed:
             return
         self._advance()
         if self._pending:
@@ -186,7 +175,7 @@ class Progress:
 
     async def _poll(self) -> None:
         last = time.perf_counter()
-        while not self._closed:
+        while not self.closed:
             if self._advance():
                 last = time.perf_counter()
             if time.perf_counter() - last >= LINGER_S and self._worker.arm():

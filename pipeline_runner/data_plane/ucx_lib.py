@@ -37,9 +37,7 @@ class UcxLib:
 
     api: Any  # ucxx._lib.libucxx
     array: Any  # ucxx._lib.arr.Array: wraps a buffer (NumPy, CuPy, ...) for ucxx
-
-    def tag(self, value: int) -> Any:
-        return self.api.UCXXTag(value)
+    tag: Any  # ucxx._lib.libucxx.UCXXTag: makes a tag from an int
 
     def create_worker(self, host: str) -> tuple[Any, Any]:
         """(context, worker) with tag messages and wakeups, networking through ``host``'s
@@ -72,7 +70,7 @@ def load() -> UcxLib:
         import ucxx._lib.libucxx as ucx_api
         from ucxx._lib.arr import Array
 
-        _loaded = UcxLib(ucx_api, Array)
+        _loaded = UcxLib(ucx_api, Array, ucx_api.UCXXTag)
     return _loaded
 
 

@@ -164,7 +164,7 @@ class UcxTransport:
         reply = wire.reply_tag(self._next_fetch)
         self._next_fetch += 1
         op = Fetch(peer, running.progress, self._stats, tensor_id, nbytes, loop.create_future())
-        request = wire.encode_control(wire.Op.FETCH, running.address_bytes, reply, nbytes, timeout_s, id_bytes)
+        request = wire.encode_control(wire.FETCH, running.address_bytes, reply, nbytes, timeout_s, id_bytes)
         try:
             op.post(ep, lib, request, reply, target)
         except Exception as exc:
@@ -192,7 +192,7 @@ class UcxTransport:
             return
         lib = running.lib
         for payload in wire.release_payloads(tensor_ids, running.address_bytes):
-            request = wire.encode_control(wire.Op.RELEASE, running.address_bytes, 0, 0, 0.0, payload)
+            request = wire.encode_control(wire.RELEASE, running.address_bytes, 0, 0, 0.0, payload)
             try:
                 req = ep.tag_send(lib.array(request), lib.tag(wire.CONTROL_TAG))
             except Exception as exc:

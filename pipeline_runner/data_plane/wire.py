@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
-from enum import IntEnum
 
 import numpy as np
 
@@ -33,16 +32,14 @@ _STATUS = struct.Struct("<4sBBHQ")
 STATUS_MAX_BYTES = 1024
 
 
-class Op(IntEnum):
-    FETCH = 1
-    RELEASE = 2
-
-
-class Status(IntEnum):
-    OK = 0
-    UNKNOWN = 1
-    SIZE_MISMATCH = 2
-    FAILED = 3
+# Control message ops (plain ints rather than an IntEnum: they are read on every message).
+FETCH = 1
+RELEASE = 2
+# Status codes of a producer's answer.
+OK = 0
+UNKNOWN = 1
+SIZE_MISMATCH = 2
+FAILED = 3
 
 
 def reply_tag(fetch_number: int) -> int:
@@ -55,11 +52,11 @@ def data_tag(reply: int) -> int:
     return reply | 1
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ControlMessage:
     """A consumer's request to a producer, as it arrived."""
 
-    op: int  # an ``Op`` when known; anything else is ignored by the receiver
+    op: int  # FETCH or RELEASE; anything else is ignored by the receiver
     requester: str  # the consumer's transport address
     payload: bytes  # FETCH: the tensor id (UTF-8); RELEASE: a JSON list of ids
     timeout_ms: int
@@ -67,16 +64,12 @@ class ControlMessage:
     nbytes: int
 
     @property
-    def tensor_id(self) -> str:
-        return self.payload.decode("utf-8")
-
-    @property
     def released_ids(self) -> list[str]:
         ids: list[str] = json.loads(self.payload)
         return ids
 
 
-def encode_control(op: Op, requester: bytes, reply: int, nbytes: int, timeout_s: float, payload: bytes) -> bytes:
+def encode_control(op: int, requester: bytes, reply: int, nbytes: int, timeout_s: float, payload: bytes) -> bytes:
     timeout_ms = int(max(0.0, min(timeout_s * 1000, 0xFFFFFFFF)))
     header = _CONTROL.pack(MAGIC, VERSION, op, len(requester), len(payload), timeout_ms, reply, nbytes)
     return header + requester + payload
@@ -115,16 +108,16 @@ def _chunks(ids: list[str], limit: int) -> list[list[str]]:
     return chunks
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StatusMessage:
     """A producer's answer instead of a payload."""
 
-    code: int  # a ``Status`` when known
+    code: int  # OK, UNKNOWN, SIZE_MISMATCH or FAILED
     served_nbytes: int  # the producer's size of the tensor (0 when unknown)
     message: str
 
 
-def encode_status(code: Status, served_nbytes: int, message: str = "") -> bytes:
+def encode_status(code: int, served_nbytes: int, message: str = "") -> bytes:
     text = message.encode("utf-8")[: STATUS_MAX_BYTES - _STATUS.size]
     return _STATUS.pack(MAGIC, VERSION, code, len(text), served_nbytes) + text
 
@@ -135,13 +128,3 @@ def decode_status(buf: np.ndarray) -> StatusMessage:
         raise DataPlaneError(f"the peer answered in an unknown format ({magic!r} v{version})")
     message = buf[_STATUS.size : _STATUS.size + msg_len].tobytes().decode("utf-8", "replace")
     return StatusMessage(code, served, message)
-
-
-def status_buffer() -> np.ndarray:
-    """A buffer to receive a status message into."""
-    return np.empty(STATUS_MAX_BYTES, np.uint8)
-
-
-def control_buffer() -> np.ndarray:
-    """A buffer to receive a control message into."""
-    return np.empty(CONTROL_MAX_BYTES, np.uint8)
