@@ -3,7 +3,7 @@
 1. Bandwidth for 1 KiB ... 256 MiB (powers of 4), one transfer at a time between two processes:
    - runner data plane: ``DataPlane.fetch`` of a tensor another process published,
    - raw ucxx (the fastest plain-ucxx exchange found, see ucx_raw.py), the same without the cma
-     transport (which the runner leaves out, see ucx_transport.py), and ucxx's asyncio API,
+     transport (which the runner leaves out, see data_plane/ucx_lib.py), and ucxx's asyncio API,
    - inline NATS: a nats-py request answered with the bytes (server max_payload raised to 64 MiB;
      larger sizes cannot travel inline at all).
 2. The inline threshold: p50 latency of a whole request through a ``CopyEcho`` operator (the

@@ -11,7 +11,7 @@ wall-clock second of the whole request/response exchange, as the client sees it.
   posted into the output and an 8-byte request to the server, which answers with a tag send;
   both processes busy-poll ``worker.progress()`` outside asyncio.
 * raw ucxx, no cma: the same with ``UCX_TLS=^cma``, what UcxTransport allows itself (a cma read
-  from a producer that dies mid-transfer aborts the consumer; see ucx_transport.py).
+  from a producer that dies mid-transfer aborts the consumer; see data_plane/ucx_lib.py).
 * raw ucxx asyncio API: the same exchange through ucxx's public asyncio API
   (``create_endpoint_from_worker_address``, ``ep.send``/``ep.recv``), in ucxx's ``polling``
   progress mode (its fastest).

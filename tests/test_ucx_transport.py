@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from pipeline_runner.data_plane import wire
 from pipeline_runner.data_plane.errors import DataPlaneError
+from pipeline_runner.data_plane.peers import HostIdentity, PeerAddress, describe
 from pipeline_runner.data_plane.ucx_transport import UcxTransport
 
 from .conftest import TESTS_DIR
@@ -135,7 +137,7 @@ async def test_32_concurrent_fetches_to_one_and_to_two_peers(consumer: UcxTransp
             assert np.array_equal(outs[i], data), f"fetch {i} arrived corrupted"
         assert consumer.stats["fetches"] == 64
         # One endpoint per peer, reused by every fetch.
-        assert sorted(consumer._peers) == sorted([first.address, second.address])
+        assert sorted(consumer.peers) == sorted([first.address, second.address])
 
 
 async def test_unknown_or_freed_id_fails_fast_and_names_it(consumer: UcxTransport) -> None:
@@ -178,7 +180,7 @@ async def test_killed_producer_fails_fetches_within_the_timeout(consumer: UcxTra
         with pytest.raises(DataPlaneError, match=f"peer process {peer.pid}"):
             await consumer.fetch(peer.address, "big", np.empty(64 * MiB, np.uint8), 20.0)
         assert time.monotonic() - started < 1.0
-        assert peer.address not in consumer._peers  # the endpoint was dropped
+        assert peer.address not in consumer.peers  # the endpoint was dropped
     async with producer() as other:  # the consumer still works
         expected = await other.put("x", MiB, seed=7)
         out = np.empty(MiB, np.uint8)
@@ -206,7 +208,7 @@ async def test_a_peer_on_another_host_is_reached_over_tcp(consumer: UcxTransport
             out = np.empty(size, np.uint8)
             await consumer.fetch(peer.address, f"t{size}", out, 10.0)
             assert np.array_equal(out, expected)
-        assert not consumer._peers[peer.address].local
+        assert not consumer.peers[peer.address].local
         with pytest.raises(DataPlaneError, match="no-such-tensor"):
             await consumer.fetch(peer.address, "no-such-tensor", np.empty(8, np.uint8), 10.0)
         await peer.put("big", 64 * MiB)
@@ -282,3 +284,57 @@ async def test_stop_is_idempotent_and_ends_fetching() -> None:
 def test_importing_the_transport_does_not_import_ucxx() -> None:
     code = "import sys, pipeline_runner.data_plane.ucx_transport; assert 'ucxx' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
+
+
+# ----------------------------------------------------------------- wire format and addresses (no UCX)
+
+
+def test_a_control_message_arrives_as_it_was_sent() -> None:
+    requester = b"ucx1:boot:ns:42:7:d29ya2Vy"
+    encoded = wire.encode_control(wire.FETCH, requester, wire.reply_tag(5), 1 << 30, 2.5, "t\u00e9".encode())
+    received = np.zeros(wire.CONTROL_MAX_BYTES, np.uint8)
+    received[: len(encoded)] = np.frombuffer(encoded, np.uint8)
+    msg = wire.decode_control(received)
+    assert (msg.op, msg.requester, msg.payload.decode()) == (wire.FETCH, requester.decode(), "t\u00e9")
+    assert (msg.reply_tag, msg.nbytes, msg.timeout_ms) == (10, 1 << 30, 2500)
+    assert wire.data_tag(msg.reply_tag) == 11  # the payload's tag sits next to the status tag
+
+
+def test_a_status_message_is_cut_to_fit_its_buffer() -> None:
+    encoded = wire.encode_status(wire.SIZE_MISMATCH, 1024, "x" * 5000)
+    assert len(encoded) == wire.STATUS_MAX_BYTES
+    received = np.empty(wire.STATUS_MAX_BYTES, np.uint8)
+    received[:] = np.frombuffer(encoded, np.uint8)
+    status = wire.decode_status(received)
+    assert (status.code, status.served_nbytes) == (wire.SIZE_MISMATCH, 1024)
+    header = len(wire.encode_status(wire.OK, 0))
+    assert status.message == "x" * (wire.STATUS_MAX_BYTES - header)
+
+
+def test_messages_in_an_unknown_format_are_refused() -> None:
+    garbage = np.frombuffer(b"HTTP/1.1 200 OK\r\n" + bytes(64), np.uint8).copy()
+    with pytest.raises(DataPlaneError, match="unknown format"):
+        wire.decode_control(garbage)
+    with pytest.raises(DataPlaneError, match="unknown format"):
+        wire.decode_status(garbage)
+
+
+def test_released_ids_are_split_into_messages_that_fit() -> None:
+    requester = b"r" * 200
+    ids = [f"id-{i:05d}-\u00e9" for i in range(3000)]
+    payloads = wire.release_payloads(ids, requester)
+    assert len(payloads) > 1
+    header = len(wire.encode_control(wire.RELEASE, requester, 0, 0, 0.0, b""))
+    assert all(header + len(p) <= wire.CONTROL_MAX_BYTES for p in payloads)
+    assert [i for p in payloads for i in json.loads(p)] == ids
+    with pytest.raises(DataPlaneError, match="too long"):
+        wire.release_payloads(["x" * wire.CONTROL_MAX_BYTES], requester)
+
+
+def test_a_peer_address_names_its_process_and_bad_ones_are_refused() -> None:
+    address = PeerAddress(HostIdentity("boot-id", "4026531836"), 1234, "987", b"\x00worker\xff")
+    assert PeerAddress.parse(str(address)) == address
+    assert describe(str(address)) == "peer pid 1234 on host boot-id"
+    for bad in ("", "tcp://127.0.0.1:4222", "ucx1:a:b:not-a-pid:0:AAAA", "ucx1:a:b:1:0:not base64!"):
+        with pytest.raises(DataPlaneError, match="not a UCX data-plane address"):
+            PeerAddress.parse(bad)

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from ..protocol import RemoteTensor, array_from_bytes, tensor_bytes
 from .buffers import BufferPool
 from .errors import DataPlaneError
 from .store import TensorStore
+
+if TYPE_CHECKING:
+    from .ucx_transport import UcxTransport
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ class DataPlane:
         # Where tensors lived and where they went: the evidence that GPU tensors stay on GPUs.
         self.published_memory: Counter[str] = Counter()  # 'cpu' | 'gpu'
         self.fetched_memory: Counter[str] = Counter()  # '<producer's memory>-><ours>', e.g. 'gpu->gpu'
-        self._transport: Any = None
+        self._transport: UcxTransport | None = None
         self._start_lock = asyncio.Lock()
         self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()

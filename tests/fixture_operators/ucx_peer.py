@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline_runner.data_plane import ucx_transport
+from pipeline_runner.data_plane.peers import HostIdentity
 from pipeline_runner.data_plane.ucx_transport import UcxTransport
 
 PREFIX = "@@ "
@@ -43,11 +43,10 @@ def answer(obj: dict[str, Any]) -> None:
 
 
 async def main() -> None:
-    if "--other-host" in sys.argv:
-        ucx_transport._host_identity = lambda: ("another-host", "1")
+    other_host = HostIdentity("another-host", "1") if "--other-host" in sys.argv else None
     tensors: dict[str, Any] = {}
     released: list[str] = []
-    transport = UcxTransport(tensors.get, on_release=released.extend)
+    transport = UcxTransport(tensors.get, on_release=released.extend, identity=other_host)
     await transport.start()
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
