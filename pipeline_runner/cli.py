@@ -395,7 +395,8 @@ def _print_banner(deployment: Any) -> None:
     print(
         f"Deployment {config.name!r} is running: {sum(counts.values())} workers ({workers})\n"
         f"  NATS:  {redact_url(deployment.nats_url)}{embedded}\n"
-        f"  logs:  {deployment.log_dir}\n"
+        + (f"  HTTP: {deployment.http_url}\n" if deployment.http_url else "")
+        + f"  logs:  {deployment.log_dir}\n"
         f"  try:   runner client --requests 100\n"
         f"Press Ctrl-C to stop.",
         flush=True,
