@@ -114,6 +114,7 @@ class HttpServer:
         config = uvicorn.Config(
             app,
             http=protocol,  # type: ignore[arg-type]
+            interface="asgi3",
             lifespan="off",
             access_log=False,
             log_level="warning",
