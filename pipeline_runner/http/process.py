@@ -92,7 +92,10 @@ async def run_ingress(spec: IngressSpec) -> None:
         ingress = Ingress(config, connection, token)
         await ingress.start()
         sock = socket.socket(fileno=spec.listen_fd)
-        server = HttpServer(ingress, sock=sock, drain_timeout_s=spec.drain_timeout_s)
+        server = HttpServer(
+            ingress, sock=sock, drain_timeout_s=spec.drain_timeout_s,
+            head_timeout_s=min(10.0, config.http.request_timeout_s),
+        )  # fmt: skip
         await server.start()
         log.info("serving HTTP on %s:%s as %s", server.host, server.port, spec.ingress_id)
         _report("ready", pid=os.getpid())

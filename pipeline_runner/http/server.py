@@ -63,18 +63,16 @@ class _GuardedProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if self.cycle is None or self.cycle.response_complete:
-            self._head_bytes += len(data)  # an upper bound: the data may hold body bytes too
-            if self._head_bytes > self.max_head_bytes and self._head_timer is not None:
+        if self.cycle is None or self.cycle.response_complete:  # bytes of a request head
+            self._arm_head_timer()
+            end = data.find(b"\r\n\r\n")
+            self._head_bytes += len(data) if end < 0 else end
+            if self._head_bytes > self.max_head_bytes:
                 self._disarm_head_timer()
                 self.transport.write(_HEAD_TOO_LARGE)
                 self.transport.close()
                 return
         super().data_received(data)
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._arm_head_timer()
 
     def on_headers_complete(self) -> None:
         self._disarm_head_timer()
