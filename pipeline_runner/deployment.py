@@ -212,12 +212,25 @@ class Deployment:
         only: Sequence[str] | None = None,
         workers: int | None = None,
         data_plane_host: str | None = None,
+        http_only: bool = False,
+        http_host: str | None = None,
+        http_port: int | None = None,
     ):
+        if (http_only or http_host is not None or http_port is not None) and config.http is None:
+            raise RunnerError(f"deployment {config.name!r} has no http section to serve")
+        if config.http is not None and (http_host is not None or http_port is not None):
+            changes = {k: v for k, v in (("host", http_host), ("port", http_port)) if v is not None}
+            config = config.model_copy(update={"http": config.http.model_copy(update=changes)})
+        if http_only and workers is not None and config.http is not None:
+            # On its own (a pod of Kubernetes), --workers counts ingress processes.
+            config = config.model_copy(update={"http": config.http.model_copy(update={"workers": workers})})
+            workers = None
         if data_plane_host is not None:
             data_plane = config.data_plane.model_copy(update={"host": data_plane_host})
             config = config.model_copy(update={"data_plane": data_plane})
         self.config = config
-        self.operators = select_operators(config, only)
+        self.http_only = http_only
+        self.operators = [] if http_only else select_operators(config, only)
         if workers is not None and workers < 1:
             raise RunnerError(f"workers must be at least 1, got {workers}")
         self.local_workers = workers
@@ -255,8 +268,10 @@ class Deployment:
         return self._http_url
 
     def _serves_http(self) -> bool:
-        # The front door runs where the whole deployment runs; a host running some operators
-        # (--only) leaves it to the one that runs it.
+        # The front door runs where the whole deployment runs, or alone (http_only); a host
+        # running some operators (--only) leaves it to another.
+        if self.http_only:
+            return True
         return self.config.http is not None and len(self.operators) == len(self.config.operators)
 
     async def start(self) -> None:
