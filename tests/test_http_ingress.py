@@ -547,3 +547,38 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except FileNotFoundError:
         return ""
+
+
+def test_a_front_door_alone_answers_503_while_no_worker_serves(front: Running, tmp_path: Path) -> None:
+    """`runner deploy --http-only` of a deployment whose operators run nowhere (yet)."""
+    deployment = {
+        "name": "http_ghost",
+        "working_dir": str(REPO_ROOT),
+        "http": {"port": 8000},  # overridden below
+        "operators": [{"name": "answer", "implementation": _ops("http_ops:Answer")}],
+    }
+    path = tmp_path / "ghost.yaml"
+    path.write_text(yaml.safe_dump(deployment))
+    env = dict(os.environ, PIPELINE_RUNNER_STATE_DIR=str(tmp_path / "state"))
+    proc = subprocess.Popen(
+        [*RUNNER, "deploy", str(path), "--http-only", "--http-port", "0", "--nats", front.nats_url],
+        cwd=REPO_ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    ghost = Running("", front.nats_url, proc, [])
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            ghost.output.append(line)
+            if line.strip().startswith("HTTP:"):
+                ghost.url = line.split()[1]
+                break
+        assert ghost.url, "".join(ghost.output)
+        ready = httpx.get(f"{ghost.url}/v2/health/ready")
+        assert ready.status_code == 503 and ready.json() == {"ready": False, "workers": {"answer": 0}}
+        assert httpx.get(f"{ghost.url}/v2/models/answer/ready").status_code == 503
+        time.sleep(3.5)  # three rounds of worker stats without a worker of 'answer'
+        refused = httpx.post(f"{ghost.url}/answer", json={"text": "anyone?"})
+        assert _error(refused) == (503, "no_worker")
+        assert refused.headers["retry-after"] == "1"
+    finally:
+        _stop(ghost)
