@@ -46,6 +46,8 @@ _NO_WORKER_ROUNDS = 3
 _STATS_PERIOD_S = 1.0
 _CANCEL_BROADCAST_S = 0.5
 
+Handler = Callable[..., Awaitable[None]]
+
 
 def http_cancel_subject(deployment: str) -> str:
     """Where ingress processes ask each other to cancel a request one of them holds."""
@@ -162,8 +164,6 @@ class Ingress:
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._token):
             raise HttpError("unauthorized", "a valid bearer token is required (header Authorization: Bearer TOKEN)")
-
-    Handler = Callable[..., Awaitable[None]]
 
     def _route(self, request: HttpRequest) -> tuple[Handler, tuple[Any, ...]]:
         path, method = request.path.rstrip("/") or "/", request.method
