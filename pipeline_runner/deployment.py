@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DeploymentConfig, OperatorConfig
-from .http.process import IngressSpec
+from .http.spec import IngressSpec
 from .errors import RunnerError, WorkerStartError
 from .nats_security import NatsClientOptions, embedded_server_config
 from .nats_server import NatsServer
@@ -339,7 +339,7 @@ class Deployment:
         one port all processes share and the banner can print, a port in use fails the deploy
         before anything starts, and no other process can join the port.
         """
-        from .http.process import resolve_token
+        from .http.spec import resolve_token
         from .http.server import listening_socket
 
         assert self.config.http is not None

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline_runner.config_loader import parse_deployment
 from pipeline_runner.errors import ConfigError, RunnerError
-from pipeline_runner.http.process import resolve_token
+from pipeline_runner.http.spec import resolve_token
 
 HEADER = """\
 name: front

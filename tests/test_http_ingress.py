@@ -451,7 +451,7 @@ def test_cancel_by_request_id_stops_the_chain_and_ends_the_stream_with_an_error(
 def test_cancel_reaches_a_request_held_by_another_ingress_process(front: Running, tmp_path: Path) -> None:
     """A third ingress process on its own port: a cancel sent to it must cross over NATS."""
     from pipeline_runner.config import DeploymentConfig
-    from pipeline_runner.http.process import IngressSpec
+    from pipeline_runner.http.spec import IngressSpec
 
     config = DeploymentConfig.model_validate(DEPLOYMENT)
     listener = socket.create_server(("127.0.0.1", 0))
