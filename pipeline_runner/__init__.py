@@ -13,6 +13,7 @@ from .errors import (
 )
 from .operator import Operator, OperatorContext, Request, Response
 from .remote import Connection, RemoteOperator
+from .python_first import OperatorHandle, depends, endpoint, operator_defaults
 from .tensor import Tensor
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "OperatorConfig",
     "OperatorContext",
     "OperatorError",
+    "OperatorHandle",
     "PayloadTooLargeError",
     "ProtocolError",
     "RemoteOperator",
@@ -33,5 +35,8 @@ __all__ = [
     "RunnerError",
     "Tensor",
     "WorkerStartError",
+    "depends",
+    "endpoint",
+    "operator_defaults",
 ]
 __version__ = "0.1.0"

@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("deploy", help="start a deployment in the foreground (Ctrl-C stops it)")
-    p.add_argument("file", type=Path, help="deployment YAML file")
+    p.add_argument("file", metavar="FILE|package.module:Class", help="deployment YAML file, or a Python-first pipeline's entry class (compiled in memory)")
+    p.add_argument("--name", help="deployment name of a package.module:Class (default: the module's last part)")
     p.add_argument("--nats", metavar="URL[,URL...]", help="use this NATS server (or these cluster members) instead of the file's or an embedded one")
     p.add_argument("--only", type=_names, metavar="OP[,OP...]", help="run only these operators on this host (the others run elsewhere on the same NATS)")
     p.add_argument("--workers", type=_positive_int, metavar="N", help="run N workers of each operator here instead of the file's count")
@@ -80,8 +81,15 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_client)
 
     p = sub.add_parser("validate", help="check a deployment file and print it normalized")
-    p.add_argument("file", type=Path)
+    p.add_argument("file", metavar="FILE|package.module:Class")
+    p.add_argument("--name", help="deployment name of a package.module:Class (default: the module's last part)")
+    p.add_argument("--explain", action="store_true", help="show each operator field's value and where it came from (default, class, file or flag)")
+    p.add_argument("--workers", type=_positive_int, metavar="N", help="with --explain: as `runner deploy --workers N` would run it")
     p.set_defaults(func=_cmd_validate)
+
+    from .python_first.commands import add_compile_parser
+
+    add_compile_parser(sub)
 
     p = sub.add_parser("schema", help="print the deployment file's JSON Schema")
     p.add_argument("--write", action="store_true", help="write it to schemas/deployment.schema.json")
@@ -144,9 +152,14 @@ def _positive_int(text: str) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from .config_loader import load_deployment
+    from .python_first.commands import explain_target, load_target
 
-    config = load_deployment(args.file)
+    if args.explain:
+        sys.stdout.write(explain_target(args.file, args.name, args.workers))
+        return 0
+    if args.workers is not None:
+        raise RunnerError("--workers goes with --explain")
+    config = load_target(args.file, args.name)
     workers = ", ".join(f"{op.name}×{op.workers}" for op in config.operators)
     print(f"{args.file}: OK — deployment {config.name!r}, operators: {workers}")
     return 0
@@ -306,9 +319,9 @@ def _cmd_k8s(args: argparse.Namespace) -> int:
 
 
 def _cmd_deploy(args: argparse.Namespace) -> int:
-    from .config_loader import load_deployment
+    from .python_first.commands import load_target
 
-    config = load_deployment(args.file)
+    config = load_target(args.file, args.name)
     logging.basicConfig(
         level=config.log_level,
         format="%(asctime)s %(levelname)s %(message)s",
