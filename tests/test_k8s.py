@@ -208,7 +208,7 @@ def test_each_pod_runs_one_worker_of_its_own_operator(capsys: pytest.CaptureFixt
     for operator, deployment in workers_by_operator(objects).items():
         args = deploy_args(deployment)
         assert args.func.__name__ == "_cmd_deploy"
-        assert args.file == Path("/app/deployments/hello_world.yaml")
+        assert Path(args.file) == Path("/app/deployments/hello_world.yaml")
         assert args.only == [operator]
         assert args.workers == 1
         assert args.nats == f"nats://{client_service['metadata']['name']}:4222"
@@ -489,9 +489,9 @@ def test_output_to_a_directory_or_a_file(tmp_path: Path, capsys: pytest.CaptureF
 
 def test_the_file_path_in_the_image_follows_the_repository(mixed: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (deployment, *_) = of_kind(render(capsys, mixed), "Deployment")
-    assert deploy_args(deployment).file == Path("/app/deployments/mixed.yaml")
+    assert Path(deploy_args(deployment).file) == Path("/app/deployments/mixed.yaml")
     (deployment, *_) = of_kind(render(capsys, mixed, "--file-in-image", "/srv/pipelines/mixed.yaml"), "Deployment")
-    assert deploy_args(deployment).file == Path("/srv/pipelines/mixed.yaml")
+    assert Path(deploy_args(deployment).file) == Path("/srv/pipelines/mixed.yaml")
 
 
 def test_the_command_prints_yaml_and_fails_cleanly(tmp_path: Path) -> None:
