@@ -91,14 +91,17 @@ class Ingress:
                 await self._cancel_sub.unsubscribe()
 
     async def _watch_workers(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(_STATS_PERIOD_S)
+            started = loop.time()
             with contextlib.suppress(Exception):
                 await self._poll_workers()
+            await asyncio.sleep(max(_STATS_PERIOD_S - (loop.time() - started), 0.1))
 
     async def _poll_workers(self) -> None:
         expected = sum(op.workers for op in self.config.operators)
-        stats = await self.connection.worker_stats(expected=expected, timeout_s=1.0)
+        # Returns as soon as every worker answered; the wait only runs out when some are missing.
+        stats = await self.connection.worker_stats(expected=expected, timeout_s=_STATS_PERIOD_S * 0.8)
         counts: dict[str, int] = {}
         for entry in stats:
             counts[str(entry.get("operator"))] = counts.get(str(entry.get("operator")), 0) + 1

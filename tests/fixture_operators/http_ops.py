@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-from pipeline_runner import Operator, RemoteOperator, Request
+from pipeline_runner import Operator, RemoteOperator, Request, Response
 
 
 class Relay(Operator):
@@ -18,10 +20,16 @@ class Relay(Operator):
 
     async def execute(self, requests: list[Request]) -> None:
         for request in requests:
-            async for response in self.next.call(parameters=request.parameters):
-                hops = [self.context.operator, *response.parameters.get("hops", [])]
-                params = {**response.parameters, "hops": hops} if response.parameters else {}
-                await request.respond(parameters=params, final=response.final)
+            # aclosing: cancelled while it responds (not inside the call), the call still ends at
+            # once and tells the next hop, rather than when the generator is collected.
+            async with contextlib.aclosing(self.next.call(parameters=request.parameters)) as responses:
+                await self._relay(request, responses)
+
+    async def _relay(self, request: Request, responses: AsyncIterator[Response]) -> None:
+        async for response in responses:
+            hops = [self.context.operator, *response.parameters.get("hops", [])]
+            params = {**response.parameters, "hops": hops} if response.parameters else {}
+            await request.respond(parameters=params, final=response.final)
 
 
 class Ticker(Operator):
