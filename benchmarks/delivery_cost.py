@@ -37,6 +37,7 @@ def variant(base: DeploymentConfig, mode: str) -> DeploymentConfig:
     data = base.model_dump(mode="json")
     data["name"] = f"hw_{mode}"
     data["working_dir"] = str(base.root)
+    data.pop("http", None)  # two copies cannot share the file's HTTP port; this measures NATS
     for op in data["operators"]:
         op["delivery"]["mode"] = mode
     return DeploymentConfig.model_validate(data)

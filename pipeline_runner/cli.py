@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-plane-host", metavar="ADDR", help="interface the data plane listens on, reachable by the other hosts (overrides data_plane.host)")
     p.add_argument("--health-port", type=int, metavar="PORT", help="serve GET /healthz and /readyz on this port (0: any free port)")
     p.add_argument("--health-host", default="127.0.0.1", metavar="ADDR", help="interface of the health endpoints (default 127.0.0.1)")
+    p.add_argument("--http-only", action="store_true", help="run only the HTTP front door here (the file's http section), no workers; --workers N: N ingress processes")
+    p.add_argument("--http-host", metavar="ADDR", help="interface of the HTTP front door (overrides http.host)")
+    p.add_argument("--http-port", type=int, metavar="PORT", help="port of the HTTP front door (overrides http.port; 0: any free port)")
     p.add_argument("--log-dir", type=Path, help="directory for per-worker logs; '-': the workers log to this command's output (containers, kubectl logs)")
     p.add_argument("--start-timeout", type=float, default=120.0, metavar="S", help="seconds a worker may take to become ready")
     p.add_argument("--allow-oversubscribe", action="store_true", help="start the workers even where they exceed this host's CPUs, memory or limits (see runner validate)")
@@ -368,6 +371,9 @@ async def _deploy(config: Any, args: argparse.Namespace) -> int:
         only=args.only,
         workers=args.workers,
         data_plane_host=args.data_plane_host,
+        http_only=args.http_only,
+        http_host=args.http_host,
+        http_port=args.http_port,
     )
     health = None
     if args.health_port is not None:
@@ -435,7 +441,8 @@ def _print_banner(deployment: Any) -> None:
     print(
         f"Deployment {config.name!r} is running: {sum(counts.values())} workers ({workers})\n"
         f"  NATS:  {redact_url(deployment.nats_url)}{embedded}\n"
-        f"  logs:  {deployment.log_dir}\n"
+        + (f"  HTTP: {deployment.http_url}\n" if deployment.http_url else "")
+        + f"  logs:  {deployment.log_dir}\n"
         f"  try:   runner client --requests 100\n"
         f"Press Ctrl-C to stop.",
         flush=True,

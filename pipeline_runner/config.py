@@ -6,6 +6,7 @@ These models are the single source of truth for the deployment format: the JSON 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -205,6 +206,75 @@ class ResourcesConfig(_Model):
     )
 
 
+# Open Inference Protocol v2 tensor datatypes (KServe / Triton HTTP/REST).
+TensorDatatype = Literal[
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+    "FP16", "FP32", "FP64", "BYTES",
+]  # fmt: skip
+
+
+class TensorSpec(_Model):
+    """One tensor an operator takes or gives, as the Open Inference Protocol's metadata lists it."""
+
+    name: str = Field(min_length=1, max_length=256, description="The input's or output's name.")
+    datatype: TensorDatatype = Field(description="Open Inference Protocol datatype, e.g. INT32, FP32, BYTES.")
+    shape: list[Annotated[int, Field(ge=-1)]] = Field(
+        description="Dimensions; -1 for a dimension of any size, e.g. [-1] for a vector of any length."
+    )
+
+
+class HttpAuthConfig(_Model):
+    """Bearer-token auth of the HTTP front door; the token never appears in the file itself."""
+
+    token_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Environment variable holding the token, e.g. PIPELINE_RUNNER_HTTP_TOKEN.",
+    )
+    token_file: str | None = Field(
+        None, min_length=1, description="File holding the token (relative to working_dir)."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> HttpAuthConfig:
+        if (self.token_env is None) == (self.token_file is None):
+            raise _rule_error(
+                "token_source",
+                "set exactly one of token_env and token_file",
+                requirement="must set exactly one of token_env and token_file",
+            )
+        return self
+
+
+_ROUTE_PATH = re.compile(r"^/[A-Za-z0-9_.~-]+(/[A-Za-z0-9_.~-]+)*$")
+
+
+class HttpConfig(_Model):
+    """The HTTP front door: Open Inference Protocol v2, JSON and streaming endpoints."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="Interface to bind; loopback unless told otherwise.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port; 0 picks a free one.")
+    workers: int = Field(1, ge=1, le=256, description="Ingress processes sharing the port.")
+    max_body_bytes: int = Field(
+        64 * 1024 * 1024, ge=1, description="Largest request body accepted; larger ones get 413."
+    )
+    request_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Deadline of an HTTP request; a client may set a shorter one (header X-Request-Timeout).",
+    )
+    auth: HttpAuthConfig | None = Field(
+        None, description="Bearer-token auth: requests without the token get 401 (health endpoints excepted)."
+    )
+    expose: list[Name] | None = Field(
+        None, min_length=1, description="Operators reachable over HTTP; default: every operator."
+    )
+    routes: dict[str, Name] = Field(
+        default_factory=dict,
+        description="Extra JSON endpoints: path -> operator, e.g. {/generate: frontend}; POST /{operator} always works.",
+    )
+
+
 class OperatorConfig(_Model):
     """One pipeline stage and how many worker processes serve it."""
 
@@ -293,6 +363,12 @@ class OperatorConfig(_Model):
         description="CPU and memory per worker (Kubernetes requests); a GPU worker also asks for one GPU.",
     )
     log_level: LogLevel | None = Field(None, description="Overrides the deployment's log_level.")
+    inputs: list[TensorSpec] | None = Field(
+        None, description="Tensors the operator takes, for Open Inference Protocol metadata (GET /v2/models/NAME)."
+    )
+    outputs: list[TensorSpec] | None = Field(
+        None, description="Tensors the operator gives, for Open Inference Protocol metadata."
+    )
 
     @model_validator(mode="wrap")
     @classmethod
@@ -402,6 +478,9 @@ class DeploymentConfig(_Model):
         None, description="Directory for per-worker logs; default: the runner's state directory."
     )
     operators: list[OperatorConfig] = Field(min_length=1)
+    http: HttpConfig | None = Field(
+        None, description="Serve the pipeline over HTTP (Open Inference Protocol v2, JSON, streaming); absent: no HTTP."
+    )
 
     _source: Path | None = PrivateAttr(None)
 
@@ -442,6 +521,62 @@ class DeploymentConfig(_Model):
         )
         details = [InitErrorDetails(type=error, loc=("request_plane", "embedded", "jetstream"), input=False)]
         raise ValidationError.from_exception_data(type(self).__name__, details)
+
+    @model_validator(mode="after")
+    def _http_names_operators(self) -> DeploymentConfig:
+        if self.http is None:
+            return self
+        names = [op.name for op in self.operators]
+        known = ", ".join(names)
+        details: list[InitErrorDetails] = []
+        for index, name in enumerate(self.http.expose or []):
+            if name not in names:
+                error = _rule_error(
+                    "unknown_operator",
+                    "no operator {name!r}",
+                    requirement=f"must name an operator of this deployment ({known})",
+                    name=name,
+                )
+                details.append(InitErrorDetails(type=error, loc=("http", "expose", index), input=name))
+        exposed = [name for name in self.http.expose or names if name in names]
+        for path, name in self.http.routes.items():
+            if not _ROUTE_PATH.match(path) or len(path) > 256:
+                error = _rule_error(
+                    "route_path",
+                    "path {path!r} is not a URL path",
+                    requirement=(
+                        f"{path!r} must be a URL path like /generate: '/' and segments of letters, "
+                        "digits, '_', '-', '.' or '~'"
+                    ),
+                    path=path,
+                )
+                details.append(InitErrorDetails(type=error, loc=("http", "routes", path), input=name))
+            elif path == "/v2" or path.startswith("/v2/"):
+                error = _rule_error(
+                    "reserved_path",
+                    "path {path!r} is reserved",
+                    requirement="must not start with /v2 (the Open Inference Protocol's paths)",
+                    path=path,
+                )
+                details.append(InitErrorDetails(type=error, loc=("http", "routes", path), input=name))
+            elif name not in exposed:
+                error = _rule_error(
+                    "unknown_operator",
+                    "no exposed operator {name!r}",
+                    requirement=f"must name an exposed operator ({', '.join(exposed)})",
+                    name=name,
+                )
+                details.append(InitErrorDetails(type=error, loc=("http", "routes", path), input=name))
+        if details:
+            raise ValidationError.from_exception_data(type(self).__name__, details)
+        return self
+
+    def exposed_operators(self) -> list[OperatorConfig]:
+        """The operators the HTTP front door serves (none without an ``http`` section)."""
+        if self.http is None:
+            return []
+        names = self.http.expose
+        return [op for op in self.operators if names is None or op.name in names]
 
     @property
     def source(self) -> Path | None:

@@ -12,10 +12,12 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import yaml
 from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError as JsonSchemaError
 from pydantic import ValidationError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
@@ -347,7 +349,7 @@ def _validator() -> Draft202012Validator:
 
 def _schema_problems(doc: _YamlDocument) -> list[_Problem]:
     problems: list[_Problem] = []
-    for error in _validator().iter_errors(doc.data):
+    for error in _specific(_validator().iter_errors(doc.data)):
         loc: Loc = tuple(error.absolute_path)
         schema = _resolve(error.schema) if isinstance(error.schema, dict) else {}
         if error.validator == "additionalProperties":
@@ -367,6 +369,19 @@ def _schema_problems(doc: _YamlDocument) -> list[_Problem]:
         else:
             problems.append(_value_problem(doc, loc, _expectation(schema, loc)))
     return list(dict.fromkeys(problems))  # one value may break several keywords of its schema
+
+
+def _specific(errors: Iterable[JsonSchemaError]) -> Iterator[JsonSchemaError]:
+    """``errors``, with each of an optional value (``X | None``) that is present replaced by the
+    errors against ``X`` itself, so a bad key inside an optional mapping is reported at the key."""
+    for error in errors:
+        if error.validator == "anyOf" and error.instance is not None and error.context:
+            branches = [i for i, b in enumerate(error.validator_value) if _resolve(b).get("type") != "null"]
+            inner = [e for e in error.context if len(branches) == 1 and e.relative_schema_path[0] == branches[0]]
+            if inner:
+                yield from _specific(inner)
+                continue
+        yield error
 
 
 def _model_problems(

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DeploymentConfig, OperatorConfig
+from .http.spec import IngressSpec
 from .errors import RunnerError, WorkerStartError
 from .nats_security import NatsClientOptions, embedded_server_config
 from .nats_server import NatsServer
@@ -40,6 +42,8 @@ LOG_TO_OUTPUT = "-"
 
 class WorkerProcess:
     """One worker: its spec, its current process and how often it was restarted."""
+
+    module = "pipeline_runner.worker"
 
     def __init__(self, spec: WorkerSpec, log_file: Path | None, cwd: Path):
         self.spec = spec
@@ -64,20 +68,18 @@ class WorkerProcess:
         """Spawn the process and return once it reports ready; raise WorkerStartError if not."""
         self.ready, self.ready_at = False, None
         read_fd, write_fd = os.pipe()
-        # The device pin goes into the environment, so it holds before the worker imports anything.
-        placement = WorkerPlacement(self.spec.device, self.spec.gpu)
-        env = dict(os.environ, **worker_environment(placement), **{STATUS_FD_ENV: str(write_fd)})
+        env = dict(os.environ, **self._environment(), **{STATUS_FD_ENV: str(write_fd)})
         if self.log_file is not None:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
         # No log file: the worker writes to the deployment's own output (e.g. for kubectl logs).
         with open(self.log_file, "ab") if self.log_file is not None else contextlib.nullcontext() as log_out:
             try:
                 self.proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "pipeline_runner.worker",
+                    sys.executable, "-m", self.module,
                     stdin=asyncio.subprocess.PIPE,
                     stdout=log_out,
                     stderr=asyncio.subprocess.STDOUT,
-                    pass_fds=(write_fd,),
+                    pass_fds=(write_fd, *self._pass_fds()),
                     env=env,
                     cwd=self.cwd,
                     start_new_session=True,
@@ -86,7 +88,7 @@ class WorkerProcess:
                 os.close(write_fd)
         self.started_at = time.monotonic()
         assert self.proc.stdin is not None
-        self.proc.stdin.write(self.spec.model_dump_json().encode())
+        self.proc.stdin.write(self._payload())
         await self.proc.stdin.drain()
         self.proc.stdin.close()
         status = await self._read_status(read_fd, timeout_s)
@@ -96,6 +98,16 @@ class WorkerProcess:
             raise WorkerStartError(f"worker {self.name} failed to start: {error} (log: {self.log_file})")
         self.ready = True
         self.ready_at = time.monotonic()
+
+    def _environment(self) -> dict[str, str]:
+        # The device pin goes into the environment, so it holds before the worker imports anything.
+        return worker_environment(WorkerPlacement(self.spec.device, self.spec.gpu))
+
+    def _pass_fds(self) -> tuple[int, ...]:
+        return ()
+
+    def _payload(self) -> bytes:
+        return self.spec.model_dump_json().encode()
 
     async def _read_status(self, read_fd: int, timeout_s: float) -> dict:
         loop = asyncio.get_running_loop()
@@ -160,6 +172,26 @@ class WorkerProcess:
         )
 
 
+class IngressProcess(WorkerProcess):
+    """One HTTP ingress process, supervised like a worker; it serves on the deployment's socket."""
+
+    module = "pipeline_runner.http.process"
+
+    def __init__(self, spec: IngressSpec, log_file: Path | None, cwd: Path):
+        super().__init__(spec, log_file, cwd)  # type: ignore[arg-type]
+        self.spec: IngressSpec = spec  # type: ignore[assignment]
+
+    @property
+    def name(self) -> str:
+        return self.spec.ingress_id
+
+    def _environment(self) -> dict[str, str]:
+        return {}
+
+    def _pass_fds(self) -> tuple[int, ...]:
+        return (self.spec.listen_fd,)
+
+
 class Deployment:
     """Runs a :class:`DeploymentConfig`: request plane, workers, restarts and shutdown.
 
@@ -180,12 +212,25 @@ class Deployment:
         only: Sequence[str] | None = None,
         workers: int | None = None,
         data_plane_host: str | None = None,
+        http_only: bool = False,
+        http_host: str | None = None,
+        http_port: int | None = None,
     ):
+        if (http_only or http_host is not None or http_port is not None) and config.http is None:
+            raise RunnerError(f"deployment {config.name!r} has no http section to serve")
+        if config.http is not None and (http_host is not None or http_port is not None):
+            changes = {k: v for k, v in (("host", http_host), ("port", http_port)) if v is not None}
+            config = config.model_copy(update={"http": config.http.model_copy(update=changes)})
+        if http_only and workers is not None and config.http is not None:
+            # On its own (a pod of Kubernetes), --workers counts ingress processes.
+            config = config.model_copy(update={"http": config.http.model_copy(update={"workers": workers})})
+            workers = None
         if data_plane_host is not None:
             data_plane = config.data_plane.model_copy(update={"host": data_plane_host})
             config = config.model_copy(update={"data_plane": data_plane})
         self.config = config
-        self.operators = select_operators(config, only)
+        self.http_only = http_only
+        self.operators = [] if http_only else select_operators(config, only)
         if workers is not None and workers < 1:
             raise RunnerError(f"workers must be at least 1, got {workers}")
         self.local_workers = workers
@@ -202,6 +247,9 @@ class Deployment:
         self._placer = Placer(source=config.source)
         self._nats: NatsServer | None = None
         self._workers: list[WorkerProcess] = []
+        self._ingress: list[IngressProcess] = []
+        self._http_socket: socket.socket | None = None
+        self._http_url: str | None = None
         self._monitors: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -209,11 +257,30 @@ class Deployment:
     def workers(self) -> list[WorkerProcess]:
         return list(self._workers)
 
+    @property
+    def ingress(self) -> list[IngressProcess]:
+        """The HTTP ingress processes (none without an ``http`` section, or with ``only``)."""
+        return list(self._ingress)
+
+    @property
+    def http_url(self) -> str | None:
+        """``http://HOST:PORT`` of the HTTP front door, once it listens."""
+        return self._http_url
+
+    def _serves_http(self) -> bool:
+        # The front door runs where the whole deployment runs, or alone (http_only); a host
+        # running some operators (--only) leaves it to another.
+        if self.http_only:
+            return True
+        return self.config.http is not None and len(self.operators) == len(self.config.operators)
+
     async def start(self) -> None:
         """Start NATS (unless given) and every worker; return when all are ready."""
         try:
             # Before anything starts: a device that cannot be had fails the deploy at once.
             await self._placer.acheck(self.operators)
+            if self._serves_http():
+                self._bind_http()
             if self.nats_url is None:
                 embedded = self.config.request_plane.embedded
                 cert, key = (
@@ -249,11 +316,52 @@ class Deployment:
                 if len(errors) > 1 and isinstance(errors[0], WorkerStartError):
                     raise WorkerStartError(f"{errors[0]} (and {len(errors) - 1} more workers failed)")
                 raise errors[0]
+            if self._http_socket is not None:
+                # After the workers, so the front door's first requests find them serving.
+                assert self.config.http is not None
+                self._ingress = [self._make_ingress(index) for index in range(self.config.http.workers)]
+                for result in await asyncio.gather(
+                    *(p.start(self.start_timeout_s) for p in self._ingress), return_exceptions=True
+                ):
+                    if isinstance(result, BaseException):
+                        raise result
+                log.info("HTTP front door on %s (%d processes)", self.http_url, len(self._ingress))
         except BaseException:
             await self.stop(grace_s=2.0)
             raise
-        self._monitors = [asyncio.create_task(self._supervise(w)) for w in self._workers]
+        self._monitors = [asyncio.create_task(self._supervise(w)) for w in [*self._workers, *self._ingress]]
         self._on_change(self)
+
+    def _bind_http(self) -> None:
+        """Bind the front door's socket here, once, and hand it to every ingress process.
+
+        Binding in the deployment (rather than SO_REUSEPORT in each process) means port 0 gives
+        one port all processes share and the banner can print, a port in use fails the deploy
+        before anything starts, and no other process can join the port.
+        """
+        from .http.spec import resolve_token
+        from .http.server import listening_socket
+
+        assert self.config.http is not None
+        resolve_token(self.config.http.auth, self.config.root)  # a missing token fails now
+        self._http_socket = listening_socket(self.config.http.host, self.config.http.port)
+        host, port = self._http_socket.getsockname()[:2]
+        self._http_url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def _make_ingress(self, index: int) -> IngressProcess:
+        assert self.nats_url is not None and self._http_socket is not None
+        spec = IngressSpec(
+            deployment=self.config,
+            root=str(self.config.root),
+            index=index,
+            nats_url=self.nats_url,
+            nats=self.nats_options,
+            listen_fd=self._http_socket.fileno(),
+            drain_timeout_s=self.drain_timeout_s,
+            parent_pid=os.getpid(),
+        )
+        log_file = None if str(self.log_dir) == LOG_TO_OUTPUT else self.log_dir / f"http.{index}.log"
+        return IngressProcess(spec, log_file, self.config.root)
 
     def _make_worker(self, op: OperatorConfig, index: int) -> WorkerProcess:
         assert self.nats_url is not None
@@ -312,6 +420,12 @@ class Deployment:
         for task in self._monitors:
             task.cancel()
         grace = self.drain_timeout_s + 5.0 if grace_s is None else grace_s
+        # The front door first: its requests in flight finish while every operator still serves.
+        await asyncio.gather(*(p.terminate(grace) for p in self._ingress))
+        for p in self._ingress:
+            await p.kill()
+        if self._http_socket is not None:
+            self._http_socket.close()
         for op in reversed(self.operators):
             await asyncio.gather(
                 *(w.terminate(grace) for w in self._workers if w.spec.operator.name == op.name)
@@ -324,7 +438,7 @@ class Deployment:
     async def kill(self) -> None:
         """Stop everything at once, without draining (a second Ctrl-C)."""
         self._stopping = True
-        await asyncio.gather(*(w.kill() for w in self._workers))
+        await asyncio.gather(*(w.kill() for w in [*self._ingress, *self._workers]))
         if self._nats is not None:
             await self._nats.stop(timeout_s=1.0)
 

@@ -2,24 +2,21 @@
 
 ``GET /healthz`` answers 200 while the deployment process runs (liveness); ``GET /readyz``
 answers 200 when every worker it runs is ready to serve and 503 otherwise (readiness). Both
-bodies are JSON. Anything else is 404. Plain asyncio, one short request per connection.
+bodies are JSON. Anything else is 404. Served by the same HTTP stack as the front door
+(:mod:`pipeline_runner.http.server`), inside the deployment's event loop.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
-from .errors import RunnerError
+from .http.server import HttpServer
 
 log = logging.getLogger(__name__)
-
-_READ_TIMEOUT_S = 5.0
 
 Readiness = Callable[[], tuple[bool, dict[str, Any]]]
 
@@ -31,42 +28,28 @@ class HealthServer:
         self._readiness = readiness
         self.host = host
         self.port = port
-        self._server: asyncio.Server | None = None
+        self._server: HttpServer | None = None
 
     async def start(self) -> None:
-        try:
-            self._server = await asyncio.start_server(self._handle, self.host, self.port)
-        except OSError as exc:
-            raise RunnerError(f"cannot serve health checks on {self.host}:{self.port}: {exc.strerror or exc}") from None
-        self.port = self._server.sockets[0].getsockname()[1]
+        self._server = HttpServer(self._app, host=self.host, port=self.port, drain_timeout_s=1.0, head_timeout_s=5.0)
+        self.port = self._server.port
+        await self._server.start()
         log.info("health checks on http://%s:%d/healthz and /readyz", self.host, self.port)
 
     async def stop(self) -> None:
         if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), timeout=1.0)
+            await self._server.stop()
             self._server = None
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=_READ_TIMEOUT_S)
-            method, _, rest = head.decode("latin-1").partition(" ")
-            path = rest.split(" ", 1)[0].split("?", 1)[0]
-            status, body = self._answer(method, path)
-            payload = json.dumps(body).encode() + b"\n"
-            writer.write(
-                f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
-                + (payload if method != "HEAD" else b"")
-            )
-            await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            pass  # a probe that went away or never spoke HTTP
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+    async def _app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        method = scope["method"]
+        status, body = self._answer(method, scope["path"])
+        payload = json.dumps(body).encode() + b"\n"
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        await send({"type": "http.response.start", "status": status.value, "headers": headers})
+        await send({"type": "http.response.body", "body": payload if method != "HEAD" else b""})
 
     def _answer(self, method: str, path: str) -> tuple[HTTPStatus, dict[str, Any]]:
         if method not in ("GET", "HEAD"):

@@ -10,6 +10,9 @@ objects, built here as dicts (never string templates) and written as YAML:
 - **One Deployment per operator**, ``replicas`` = the operator's ``workers``. Each pod runs one
   worker: ``runner deploy FILE --only OP --workers 1`` from the runner image, with HTTP
   liveness (``/healthz``) and readiness (``/readyz``) probes.
+- **The HTTP front door** (files with ``http:``): a Deployment of ingress pods
+  (``runner deploy FILE --http-only``) probed on ``/v2/health/live`` and ``/v2/health/ready``,
+  and a Service on the file's ``http.port``.
 
 Secrets never appear in the output: NATS credentials come from a Secret named by the caller
 (``--nats-secret``), whose keys are the ``PIPELINE_RUNNER_NATS_*`` variables the runner reads.
@@ -42,6 +45,10 @@ DEFAULT_NATS_STORAGE = "10Gi"
 #: Where the image holds the repository (containers/build.sh: WORKDIR /app).
 IMAGE_ROOT = "/app"
 HEALTH_PORT = 8080
+#: The ingress's port when the file says 0 (a free port makes no sense behind a Service).
+HTTP_PORT = 8000
+#: Component label and name suffix of the HTTP ingress (operator components are their names).
+INGRESS_COMPONENT = "http-ingress"
 NATS_CLIENT_PORT = 4222
 NATS_CLUSTER_PORT = 6222
 NATS_MONITOR_PORT = 8222
@@ -225,6 +232,8 @@ def manifests(config: DeploymentConfig, options: K8sOptions | None = None) -> li
         path = file_in_image(config.source)
     for op in config.operators:
         objects.append(operator_deployment(config, op, options, names, path, nats_url, wait_for))
+    if config.http is not None:
+        objects += ingress_manifests(config, options, names, path, nats_url, wait_for)
     if options.namespace is not None:
         for obj in objects:
             metadata = obj["metadata"]
@@ -621,6 +630,82 @@ def _check_generated_nats(config: DeploymentConfig, options: K8sOptions, source:
         raise ConfigError(problems)
 
 
+def ingress_manifests(
+    config: DeploymentConfig,
+    options: K8sOptions,
+    names: _Names,
+    path: str,
+    nats_url: str,
+    wait_for: str | None,
+) -> list[Manifest]:
+    """The HTTP front door: a Deployment of ``http.workers`` pods, one ingress process each
+    (``runner deploy FILE --http-only``), and a Service in front of them.
+
+    A token for ``http.auth.token_env`` comes from the Secret ``<deployment>-http-auth``, under
+    the variable's name as key.
+    """
+    assert config.http is not None
+    http = config.http
+    labels = _labels(names, "pipeline-runner", INGRESS_COMPONENT)
+    name = k8s_name(config.name, INGRESS_COMPONENT)
+    image = options.image or DEFAULT_IMAGE
+    args = ["deploy", path]
+    if "@" not in nats_url:
+        args += ["--nats", nats_url]
+    args += [
+        "--http-only", "--workers", "1",
+        # The Service reaches the pod's address; large outputs are fetched by this pod over UCX.
+        "--http-host", "0.0.0.0", "--http-port", str(http.port or HTTP_PORT),
+        "--data-plane-host", "0.0.0.0", "--log-dir", "-",
+    ]  # fmt: skip
+    env: list[dict[str, Any]] = [{"name": "PIPELINE_RUNNER_STATE_DIR", "value": STATE_DIR}]
+    if options.nats_secret is not None:
+        env += [_secret_env(options.nats_secret, key, optional=True) for key in (TOKEN_ENV, USER_ENV, PASSWORD_ENV)]
+    if http.auth is not None and http.auth.token_env is not None:
+        env.append(_secret_env(k8s_name(config.name, "http-auth"), http.auth.token_env, optional=False))
+    port = {"port": "http"}
+    container: dict[str, Any] = {
+        "name": "ingress",
+        "image": image,
+        "args": args,
+        "env": env,
+        "ports": [{"name": "http", "containerPort": http.port or HTTP_PORT}],
+        "startupProbe": {"httpGet": {"path": "/v2/health/live", **port}, "periodSeconds": 2, "failureThreshold": 60},
+        "livenessProbe": {"httpGet": {"path": "/v2/health/live", **port}, "periodSeconds": 10, "failureThreshold": 3},
+        "readinessProbe": {"httpGet": {"path": "/v2/health/ready", **port}, "periodSeconds": 5, "failureThreshold": 2},
+    }  # fmt: skip
+    if options.image_pull_policy is not None:
+        container["imagePullPolicy"] = options.image_pull_policy
+    pod: dict[str, Any] = {"terminationGracePeriodSeconds": WORKER_GRACE_S, "enableServiceLinks": False}
+    if wait_for is not None:
+        init = {"name": "wait-for-nats", "image": image, "command": ["python", "-c", _WAIT_FOR_TCP, wait_for, str(NATS_CLIENT_PORT)]}
+        if options.image_pull_policy is not None:
+            init["imagePullPolicy"] = options.image_pull_policy
+        pod["initContainers"] = [init]
+    pod["containers"] = [container]
+    annotations = {ANNOTATION_PREFIX + "deployment": config.name, ANNOTATION_PREFIX + "component": "http"}
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(name, labels, annotations),
+        "spec": {
+            "replicas": http.workers,
+            "selector": {"matchLabels": _selector(labels)},
+            "template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod},
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(name, labels),
+        "spec": {
+            "selector": _selector(labels),
+            "ports": [{"name": "http", "port": http.port or HTTP_PORT, "targetPort": "http"}],
+        },
+    }
+    return [deployment, service]
+
+
 def _names(config: DeploymentConfig, source: str) -> _Names:
     base = k8s_name(config.name)
     nats = k8s_name(config.name, "nats", limit=_STATEFULSET_NAME_MAX - len("-headless"))
@@ -638,6 +723,11 @@ def _names(config: DeploymentConfig, source: str) -> _Names:
                     "Kubernetes names (lower case, '_' as '-'): rename one of them"
                 )
                 break
+    if config.http is not None and INGRESS_COMPONENT in seen_components:
+        problems.append(
+            f"{source}: operator {seen_components[INGRESS_COMPONENT]!r} becomes {INGRESS_COMPONENT!r} as a "
+            "Kubernetes name, which the HTTP ingress uses: rename it"
+        )
     if problems:
         raise ConfigError(problems)
     return _Names(

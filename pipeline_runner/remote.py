@@ -128,8 +128,10 @@ class RemoteOperator:
                 )
                 payload = encode_message(header, encoded.buffers)
                 check_payload(len(payload), plane.max_payload, encoded.descriptors, f"request to {self.name!r}")
-                await stream.send(subject, payload)
+                # Set before sending: a call cancelled while its send awaits JetStream's ack
+                # has a request in the queue all the same, which must hear of the cancel.
                 sent_id = stream.request_id
+                await stream.send(subject, payload)
                 try:
                     async for response, body in stream:
                         if response.error is not None:

@@ -58,7 +58,12 @@ def op(name: str, implementation: str, **fields: Any) -> dict[str, Any]:
 async def running(
     config: DeploymentConfig, nats_url: str | None = None, **kwargs: Any
 ) -> AsyncIterator[Deployment]:
-    """A started deployment, stopped (workers and embedded NATS) on exit."""
+    """A started deployment, stopped (workers and embedded NATS) on exit.
+
+    A file's fixed HTTP port becomes a free one: tests never depend on a port being free.
+    """
+    if config.http is not None and config.http.port != 0:
+        config = config.model_copy(update={"http": config.http.model_copy(update={"port": 0})})
     deployment = Deployment(config, nats_url=nats_url, drain_timeout_s=10.0, **kwargs)
     await deployment.start()
     try:

@@ -111,9 +111,19 @@ def of_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [obj for obj in objects if obj["kind"] == kind]
 
 
+def worker_deployments(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Deployments of operators (not the HTTP ingress's)."""
+    return [d for d in of_kind(objects, "Deployment") if "pipeline-runner/operator" in d["metadata"]["annotations"]]
+
+
+def ingress_objects(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The HTTP ingress's Deployment and Service."""
+    return [o for o in objects if o["metadata"]["labels"]["app.kubernetes.io/component"] == "http-ingress"]
+
+
 def workers_by_operator(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Each operator's Deployment, by the operator's name as written in the file."""
-    return {d["metadata"]["annotations"]["pipeline-runner/operator"]: d for d in of_kind(objects, "Deployment")}
+    return {d["metadata"]["annotations"]["pipeline-runner/operator"]: d for d in worker_deployments(objects)}
 
 
 def container(workload: dict[str, Any]) -> dict[str, Any]:
@@ -171,7 +181,7 @@ def test_every_object_is_valid_kubernetes(
 
 def test_the_validation_rejects_an_unknown_field(capsys: pytest.CaptureFixture[str]) -> None:
     """Strict mode is on: a misspelt field would not slip through the test above."""
-    deployment = of_kind(render(capsys, HELLO_WORLD), "Deployment")[0]
+    deployment = worker_deployments(render(capsys, HELLO_WORLD))[0]
     container(deployment)["livenessProbes"] = container(deployment).pop("livenessProbe")
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, K8S_VERSIONS[-1], strict=True)
@@ -193,11 +203,12 @@ def test_each_operator_gets_a_deployment_with_a_pod_per_worker(file: Path, capsy
 
 def test_each_pod_runs_one_worker_of_its_own_operator(capsys: pytest.CaptureFixture[str]) -> None:
     objects = render(capsys, HELLO_WORLD, "--image", "registry.example/pipeline-runner:1.2")
-    (client_service,) = [s for s in of_kind(objects, "Service") if s["spec"].get("clusterIP") != "None"]
+    services = [s for s in of_kind(objects, "Service") if s not in ingress_objects(objects)]
+    (client_service,) = [s for s in services if s["spec"].get("clusterIP") != "None"]
     for operator, deployment in workers_by_operator(objects).items():
         args = deploy_args(deployment)
         assert args.func.__name__ == "_cmd_deploy"
-        assert args.file == Path("/app/deployments/hello_world.yaml")
+        assert Path(args.file) == Path("/app/deployments/hello_world.yaml")
         assert args.only == [operator]
         assert args.workers == 1
         assert args.nats == f"nats://{client_service['metadata']['name']}:4222"
@@ -217,7 +228,7 @@ def test_gpu_operators_run_the_gpu_image(mixed: Path, capsys: pytest.CaptureFixt
 
 
 def test_probes_ask_the_workers_health_endpoints(capsys: pytest.CaptureFixture[str]) -> None:
-    for deployment in of_kind(render(capsys, HELLO_WORLD_PYTHON), "Deployment"):
+    for deployment in worker_deployments(render(capsys, HELLO_WORLD_PYTHON)):
         worker = container(deployment)
         args = deploy_args(deployment)
         assert args.health_host == "0.0.0.0"  # the kubelet probes the pod's address
@@ -226,6 +237,36 @@ def test_probes_ask_the_workers_health_endpoints(capsys: pytest.CaptureFixture[s
             get = worker[probe]["httpGet"]
             assert get["path"] == path, probe
             assert ports.get(get["port"], get["port"]) == args.health_port, probe
+
+
+def test_the_http_front_door_is_its_own_deployment_behind_a_service_probed_on_v2_health(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    objects = render(capsys, HELLO_WORLD)
+    deployment, service = ingress_objects(objects)
+    assert (deployment["kind"], service["kind"]) == ("Deployment", "Service")
+    assert deployment["spec"]["replicas"] == 1  # http.workers
+    args = deploy_args(deployment)
+    assert args.http_only and args.workers == 1 and args.only is None
+    assert (args.http_host, args.http_port) == ("0.0.0.0", 8000)
+    assert args.nats.startswith("nats://") and args.data_plane_host == "0.0.0.0"
+    ingress = container(deployment)
+    assert ingress["ports"] == [{"name": "http", "containerPort": 8000}]
+    for probe, path in (("livenessProbe", "/v2/health/live"), ("readinessProbe", "/v2/health/ready"), ("startupProbe", "/v2/health/live")):
+        assert ingress[probe]["httpGet"] == {"path": path, "port": "http"}, probe
+    assert service["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http"}]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert matches(service["spec"]["selector"], labels)
+    assert not any(matches(service["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"]) for w in worker_deployments(objects))
+
+
+def test_the_http_token_comes_from_a_secret(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    file = deployment_file(tmp_path, PLAIN + "http:\n  auth: {token_env: PIPELINE_RUNNER_HTTP_TOKEN}\n")
+    (deployment, _service) = ingress_objects(render(capsys, file))
+    env = {e["name"]: e for e in container(deployment)["env"]}
+    assert env["PIPELINE_RUNNER_HTTP_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "plain-http-auth", "key": "PIPELINE_RUNNER_HTTP_TOKEN", "optional": False,
+    }  # fmt: skip
 
 
 def test_workers_have_longer_to_stop_than_a_drain_takes(capsys: pytest.CaptureFixture[str]) -> None:
@@ -298,9 +339,11 @@ def test_selectors_pick_only_their_own_pods(capsys: pytest.CaptureFixture[str]) 
         chosen = {name for name, labels in pods.items() if matches(selector, labels)}
         assert chosen == {workload["metadata"]["name"]}
     (statefulset,) = of_kind(objects, "StatefulSet")
+    (ingress, _) = ingress_objects(objects)
     for service in of_kind(objects, "Service"):
         chosen = {name for name, labels in pods.items() if matches(service["spec"]["selector"], labels)}
-        assert chosen == {statefulset["metadata"]["name"]}
+        front = service in ingress_objects(objects)
+        assert chosen == {(ingress if front else statefulset)["metadata"]["name"]}
 
 
 # --- NATS ------------------------------------------------------------------------------------
@@ -371,8 +414,8 @@ def test_an_external_nats_url_replaces_the_cluster(mixed: Path, capsys: pytest.C
 
 def test_the_nats_option_replaces_the_cluster(capsys: pytest.CaptureFixture[str]) -> None:
     objects = render(capsys, HELLO_WORLD, "--nats", "nats://shared-nats.infra:4222")
-    assert {obj["kind"] for obj in objects} == {"Deployment"}
-    assert {deploy_args(d).nats for d in objects} == {"nats://shared-nats.infra:4222"}
+    assert {obj["kind"] for obj in objects if obj not in ingress_objects(objects)} == {"Deployment"}
+    assert {deploy_args(d).nats for d in of_kind(objects, "Deployment")} == {"nats://shared-nats.infra:4222"}
 
 
 # --- secrets ---------------------------------------------------------------------------------
@@ -446,9 +489,9 @@ def test_output_to_a_directory_or_a_file(tmp_path: Path, capsys: pytest.CaptureF
 
 def test_the_file_path_in_the_image_follows_the_repository(mixed: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (deployment, *_) = of_kind(render(capsys, mixed), "Deployment")
-    assert deploy_args(deployment).file == Path("/app/deployments/mixed.yaml")
+    assert Path(deploy_args(deployment).file) == Path("/app/deployments/mixed.yaml")
     (deployment, *_) = of_kind(render(capsys, mixed, "--file-in-image", "/srv/pipelines/mixed.yaml"), "Deployment")
-    assert deploy_args(deployment).file == Path("/srv/pipelines/mixed.yaml")
+    assert Path(deploy_args(deployment).file) == Path("/srv/pipelines/mixed.yaml")
 
 
 def test_the_command_prints_yaml_and_fails_cleanly(tmp_path: Path) -> None:

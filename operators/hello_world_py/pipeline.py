@@ -37,7 +37,14 @@ class Decoder(Operator):
             await request.respond({"output": decode(await request.array("input", "cpu"), copies)})
 
 
-@operator_defaults(workers=2, max_inflight_requests=64, parameters={"input_copies": 3})
+@operator_defaults(
+    workers=2,
+    max_inflight_requests=64,
+    parameters={"input_copies": 3},
+    # Open Inference Protocol metadata of the HTTP front door (GET /v2/models/encoder_decoder)
+    inputs=[{"name": "input", "datatype": "INT32", "shape": [-1]}],
+    outputs=[{"name": "output", "datatype": "INT32", "shape": [-1]}],
+)
 class EncoderDecoder(Operator):
     """Call the encoder, then the decoder; the result equals the input."""
 

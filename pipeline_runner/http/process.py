@@ -1,0 +1,106 @@
+"""An ingress process: ``python -m pipeline_runner.http.process``, started by ``runner deploy``.
+
+It reads its :class:`IngressSpec` on stdin, connects to NATS, serves HTTP on the listening socket
+the deployment passed it (``listen_fd``; several ingress processes share it), reports ready on
+the status pipe, and on SIGTERM stops accepting, lets requests in flight finish, then exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import RunnerError
+from ..process import die_with_parent
+from ..remote import Connection
+from .ingress import Ingress
+from .server import HttpServer
+from .spec import IngressSpec, resolve_token
+
+log = logging.getLogger("pipeline_runner.http")
+
+#: Environment variable naming the file descriptor the process reports "ready" on.
+STATUS_FD_ENV = "PIPELINE_RUNNER_STATUS_FD"
+
+
+async def run_ingress(spec: IngressSpec) -> None:
+    config = spec.deployment
+    assert config.http is not None
+    token = resolve_token(config.http.auth, Path(spec.root))
+    connection = await Connection.connect(
+        spec.nats_url, config.name, default_timeout_s=config.http.request_timeout_s,
+        data_plane=config.data_plane, nats=spec.nats, client_name=f"{config.name}.{spec.ingress_id}",
+    )  # fmt: skip
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        # Started now, so the first large tensor does not wait for UCX to come up.
+        await connection.data_plane.start()
+        ingress = Ingress(config, connection, token)
+        await ingress.start()
+        sock = socket.socket(fileno=spec.listen_fd)
+        server = HttpServer(
+            ingress, sock=sock, drain_timeout_s=spec.drain_timeout_s,
+            head_timeout_s=min(10.0, config.http.request_timeout_s),
+        )  # fmt: skip
+        await server.start()
+        log.info("serving HTTP on %s:%s as %s", server.host, server.port, spec.ingress_id)
+        _report("ready", pid=os.getpid())
+        await stopping.wait()
+        log.info("stopping: letting requests in flight finish")
+        await server.stop()
+        await ingress.stop()
+    finally:
+        await connection.close()
+
+
+def _report(event: str, **fields: Any) -> None:
+    fd = os.environ.get(STATUS_FD_ENV)
+    if fd:
+        with contextlib.suppress(OSError):
+            os.write(int(fd), (json.dumps({"event": event, **fields}) + "\n").encode())
+
+
+def _use_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def main() -> int:
+    spec = IngressSpec.model_validate_json(sys.stdin.read())
+    die_with_parent()
+    if spec.parent_pid is not None and os.getppid() != spec.parent_pid:
+        return 1  # the deployment is already gone
+    logging.basicConfig(
+        level=spec.deployment.log_level,
+        format=f"%(asctime)s %(levelname)s [{spec.ingress_id} pid={os.getpid()}] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    _use_uvloop()
+    try:
+        asyncio.run(run_ingress(spec))
+    except RunnerError as exc:
+        log.error("%s", exc)
+        _report("failed", error=str(exc))
+        return 3
+    except Exception as exc:
+        log.exception("ingress failed")
+        _report("failed", error=f"{type(exc).__name__}: {exc}")
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
