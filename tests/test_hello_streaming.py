@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import re
 import time
 from typing import Any
 
@@ -56,6 +58,12 @@ async def test_hello_world_streams_word_by_word_through_the_three_stages(nats_ur
             ({"text": "Frontend: Middle: Backend: world-mid-back"}, False),
             ({}, True),  # the end of the stream
         ]
+        # What the README shows curl printing for the same text.
+        readme = (REPO_ROOT / "README.md").read_text()
+        shown = re.search(r"as newline-delimited JSON:\n\n```\n(.*?)```", readme, re.S)
+        assert shown, "README lost the hello_streaming output"
+        assert [json.loads(line) for line in shown.group(1).splitlines()] == [r.parameters for r in responses[:-1]]
+
         # Every word of a longer text, in order.
         words = [f"w{i}" for i in range(50)]
         texts = [r.parameters["text"] for r in await generate(conn, " ".join(words)) if not r.final]
