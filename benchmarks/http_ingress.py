@@ -80,6 +80,8 @@ class Row:
     failed: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     note: str = ""
+    round_index: int | None = None  # which round measured it (None in a row of medians)
+    rounds: int = 1  # how many rounds' measurements the row holds
 
 
 def free_port() -> int:
@@ -310,10 +312,11 @@ async def http_and_nats(args: argparse.Namespace, workdir: Path, env: dict[str, 
 # --- (c): Ray Serve's HTTP proxy -----------------------------------------------------------
 
 
-async def ray_serve(args: argparse.Namespace, workdir: Path) -> list[Row]:
+async def ray_serve(args: argparse.Namespace, workdir: Path, first_round: bool) -> list[Row]:
     python = args.ray_venv / "bin" / "python"
     rows = await ray_with_wrk(python, args, workdir)
-    rows += await ray_with_its_driver(python, args, workdir)
+    if first_round:  # a check of the load generator, not part of the comparison: once is enough
+        rows += await ray_with_its_driver(python, args, workdir)
     return rows
 
 
@@ -464,6 +467,31 @@ async def triton_both_ways(args: argparse.Namespace, workdir: Path, env: dict[st
 # --- report ----------------------------------------------------------------------------------
 
 
+def median_rows(rows: list[Row]) -> list[Row]:
+    """One row per path and concurrency: medians over the rounds, counts summed."""
+    groups: dict[tuple[str, str, int], list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.part, row.path, row.concurrency), []).append(row)
+
+    def median(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return float(np.median(known)) if known else None
+
+    out = []
+    for (part, path, concurrency), group in groups.items():
+        errors: dict[str, int] = {}
+        for row in group:
+            for kind, count in row.errors.items():
+                errors[kind] = errors.get(kind, 0) + count
+        out.append(Row(
+            part, path, concurrency, sum(r.requests for r in group),
+            *(median([getattr(r, name) for r in group]) for name in
+              ("req_per_s", "p50_ms", "p99_ms", "server_cpu_us", "client_cpu_us")),
+            failed=sum(r.failed for r in group), errors=errors, note=group[0].note, rounds=len(group),
+        ))  # fmt: skip
+    return out
+
+
 def ratios(rows: list[Row]) -> list[dict[str, Any]]:
     def find(part: str, concurrency: int, starts: str = "") -> Row | None:
         return next((r for r in rows if r.part == part and r.concurrency == concurrency and r.path.startswith(starts)), None)
@@ -536,6 +564,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-triton", action="store_true", help="skip (d)")
     parser.add_argument("--without-ingress", action="store_true",
                         help="run what needs no ingress ((b), (c), plain Triton) where this checkout has none")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat everything, alternating; report medians (1)")
     parser.add_argument("--quick", action="store_true", help="short levels: 3 s of wrk, 300 requests")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args()
@@ -562,29 +591,38 @@ async def main() -> int:
             ingress = False
         rows: list[Row] = []
         try:
-            rows += await http_and_nats(args, workdir, env, ingress)
-            if args.ray_venv is not None:
-                rows += await ray_serve(args, workdir)
-            else:
-                console.print("(c) Ray Serve skipped: pass --ray-venv PATH (a venv with ray[serve])")
-            if not args.no_triton:
-                rows += await triton_both_ways(args, workdir, env, ingress)
+            for round_ in range(args.rounds):  # the systems alternate: the machine drifts
+                if args.rounds > 1:
+                    console.print(f"[bold]round {round_ + 1} of {args.rounds}[/bold]")
+                done = len(rows)
+                rows += await http_and_nats(args, workdir, env, ingress)
+                if args.ray_venv is not None:
+                    rows += await ray_serve(args, workdir, first_round=round_ == 0)
+                elif round_ == 0:
+                    console.print("(c) Ray Serve skipped: pass --ray-venv PATH (a venv with ray[serve])")
+                if not args.no_triton:
+                    rows += await triton_both_ways(args, workdir, env, ingress)
+                for row in rows[done:]:
+                    row.round_index = round_
         except WrkMissing as exc:
             console.print(f"[red]error: {exc}[/red]")
             return 2
         except ConfigError as exc:
             console.print("[red]" + "\n".join(exc.problems) + "[/red]")
             return 2
-    found = ratios(rows)
+    medians = median_rows(rows)
+    found = ratios(medians)
     title = (f"HTTP front door: {args.deployment.name}, {args.size} × {args.dtype}, "
-             f"{os.cpu_count()} CPUs, wrk {args.duration:g} s / {args.requests} requests per level")  # fmt: skip
-    show(rows, found, title)
+             f"{os.cpu_count()} CPUs, wrk {args.duration:g} s / {args.requests} requests per level"
+             + (f", medians of {args.rounds} rounds" if args.rounds > 1 else ""))  # fmt: skip
+    show(medians, found, title)
     if args.json:
         doc = {
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "ingress": ingress, "rows": [asdict(r) for r in rows], "ratios": found,
+            "ingress": ingress, "rows": [asdict(r) for r in rows], "medians": [asdict(r) for r in medians],
+            "ratios": found,
         }  # fmt: skip
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
     return 1 if any(r.failed for r in rows) else 0
