@@ -114,7 +114,7 @@ def check_ingress(path: Path) -> None:
     try:
         parse_deployment(path.read_text(), path)
     except ConfigError as exc:
-        if any("http" in problem for problem in exc.problems):
+        if any("unknown key 'http'" in problem for problem in exc.problems):
             raise IngressMissing(
                 "this checkout has no HTTP ingress yet: `runner deploy` refuses the http: section ("
                 + "; ".join(exc.problems)
