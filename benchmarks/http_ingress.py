@@ -1,7 +1,8 @@
 """The HTTP front door, side by side in one run, at concurrency 1, 8 and 64 by default.
 
-(a) HTTP:   wrk POSTing an Open Inference Protocol JSON body to the ingress of ``runner deploy``
-            (hello_world_python.yaml unless --deployment), /v2/models/encoder_decoder/infer;
+(a) HTTP:   wrk POSTing an Open Inference Protocol body to the ingress of ``runner deploy``
+            (hello_world_python.yaml unless --deployment), /v2/models/encoder_decoder/infer,
+            as JSON and with the binary tensor extension (both checked against a plain Triton);
 (b) NATS:   ``runner client`` against the same deployment, same input size and dtype;
 (c) Ray:    Ray Serve's HTTP proxy on the same pipeline (the peer in ../shared/peers/ray_serve),
             driven by the same wrk (raw int64 body, which is what that app takes) and by the
@@ -33,7 +34,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,53 +190,88 @@ async def wait_ready(url: str, until: float) -> None:
             await asyncio.sleep(0.2)
 
 
-# --- checking answers (wrk does not) -------------------------------------------------------
+# --- request bodies, and checking answers (wrk does not) ----------------------------------
 
 
-def oip_body(x: np.ndarray) -> bytes:
+@dataclass(frozen=True)
+class Wire:
+    """How an input array goes into an HTTP request, and how the answer's array is read back."""
+
+    name: str
+    request: Callable[[np.ndarray], tuple[dict[str, str], bytes]]  # headers and body
+    answer: Callable[[Mapping[str, str], bytes], np.ndarray]
+
+
+def _oip_json_request(x: np.ndarray) -> tuple[dict[str, str], bytes]:
     tensor = {"name": "input", "shape": list(x.shape), "datatype": OIP_DATATYPES[x.dtype.name], "data": x.tolist()}
-    return json.dumps({"inputs": [tensor]}).encode()
+    return {"Content-Type": "application/json"}, json.dumps({"inputs": [tensor]}).encode()
 
 
-async def check_answers(
-    url: str, inputs: list[np.ndarray], body: Callable[[np.ndarray], bytes], content_type: str,
-    answer: Callable[[bytes], np.ndarray],
-) -> list[str]:
+def _oip_binary_request(x: np.ndarray) -> tuple[dict[str, str], bytes]:
+    """The binary tensor extension: a JSON header, then the raw tensor bytes, both ways."""
+    raw = x.astype(x.dtype.newbyteorder("<"), copy=False).tobytes()
+    header = json.dumps({
+        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": OIP_DATATYPES[x.dtype.name],
+                    "parameters": {"binary_data_size": len(raw)}}],
+        "outputs": [{"name": "output", "parameters": {"binary_data": True}}],
+    }).encode()  # fmt: skip
+    headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
+    return headers, header + raw
+
+
+def _oip_answer(headers: Mapping[str, str], raw: bytes) -> np.ndarray:
+    length = headers.get("Inference-Header-Content-Length")
+    header = json.loads(raw if length is None else raw[: int(length)])
+    (output,) = [o for o in header["outputs"] if o["name"] == "output"]
+    dtype = np.dtype({v: k for k, v in OIP_DATATYPES.items()}[output["datatype"]])
+    if length is None:
+        values = np.asarray(output["data"], dtype=dtype)
+    else:
+        values = np.frombuffer(raw[int(length) :], dtype=dtype.newbyteorder("<")).astype(dtype)
+    return values.reshape(output["shape"])
+
+
+OIP_JSON = Wire("OIP JSON", _oip_json_request, _oip_answer)
+OIP_BINARY = Wire("OIP binary", _oip_binary_request, _oip_answer)
+# The peer's Ray Serve app: the raw little-endian int64 bytes, both ways.
+RAY_RAW = Wire(
+    "raw int64",
+    lambda x: ({"Content-Type": "application/octet-stream"}, x.astype("<i8").tobytes()),
+    lambda _, raw: np.frombuffer(raw, dtype="<i8"),
+)
+
+
+async def check_answers(url: str, inputs: list[np.ndarray], wire: Wire) -> list[str]:
     """POST every input once; the problems found (wrong answers, errors), empty when all right."""
     problems = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
         for x in inputs:
+            headers, body = wire.request(x)
             try:
-                async with session.post(url, data=body(x), headers={"Content-Type": content_type}) as response:
+                async with session.post(url, data=body, headers=headers) as response:
                     raw = await response.read()
                     if response.status != 200:
                         problems.append(f"HTTP {response.status}: {raw[:200]!r}")
                         continue
-                got = answer(raw)
+                    got = wire.answer(response.headers, raw)
                 if got.dtype != x.dtype or not np.array_equal(got, x):
                     problems.append(f"wrong answer: {got[:4]}... for {x[:4]}...")
             except (aiohttp.ClientError, OSError, ValueError, KeyError, TimeoutError) as exc:
-                problems.append(f"{type(exc).__name__}: {exc}")
+                problems.append(f"{wire.name}: {type(exc).__name__}: {exc}")
     return problems
-
-
-def oip_answer(raw: bytes) -> np.ndarray:
-    (output,) = [o for o in json.loads(raw)["outputs"] if o["name"] == "output"]
-    dtype = {v: k for k, v in OIP_DATATYPES.items()}[output["datatype"]]
-    return np.asarray(output["data"], dtype=dtype).reshape(output["shape"])
 
 
 # --- load levels -----------------------------------------------------------------------------
 
 
 async def wrk_level(
-    part: str, path: str, url: str, body: bytes, content_type: str, concurrency: int, args: argparse.Namespace,
-    server_pids: list[int], workdir: Path,
+    part: str, path: str, url: str, request: tuple[dict[str, str], bytes], concurrency: int,
+    args: argparse.Namespace, server_pids: list[int], workdir: Path,
 ) -> Row:
     server, client = TreeCpu(server_pids), ChildrenCpu()
     server.start()
     client.start()
-    result = await run_wrk(url, body, content_type, concurrency, args.duration, workdir, args.timeout)
+    result = await run_wrk(url, *request, concurrency, args.duration, workdir, args.timeout)
     server_s, client_s = server.stop(), client.stop()
     return Row(
         part, path, concurrency, result.requests, result.req_per_s, result.p50_ms, result.p99_ms,
@@ -284,25 +320,24 @@ async def http_and_nats(args: argparse.Namespace, workdir: Path, env: dict[str, 
     await deployed.start(port)
     try:
         url = f"{deployed.http_url}/v2/models/{args.operator}/infer" if ingress else ""
-        if ingress:
-            problems = await check_answers(url, inputs, oip_body, "application/json", oip_answer)
-            if problems:
+        wires = [OIP_JSON, OIP_BINARY] if ingress else []
+        for wire in wires:
+            if problems := await check_answers(url, inputs, wire):
                 raise RuntimeError(f"the ingress answered wrongly: {problems[:3]}")
-            await run_wrk(url, oip_body(inputs[0]), "application/json", 8, 1, workdir, args.timeout)  # warm-up
-        else:
+            await run_wrk(url, *wire.request(inputs[0]), 8, 1, workdir, args.timeout)  # warm-up
+        if not ingress:
             await runner_client_level(deployed, 8, 100, args, workdir)  # warm-up
-        for concurrency in args.concurrency:  # the two paths alternate: the machine drifts
-            if ingress:
-                console.print(f"  wrk -c{concurrency} {url}")
+        for concurrency in args.concurrency:  # the paths alternate: the machine drifts
+            for wire in wires:
+                console.print(f"  wrk -c{concurrency} {url} ({wire.name})")
                 rows.append(await wrk_level(
-                    "a", "wrk -> ingress (OIP JSON)", url, oip_body(inputs[0]), "application/json",
-                    concurrency, args, [deployed.pid], workdir,
+                    "a", f"wrk -> ingress ({wire.name})", url, wire.request(inputs[0]), concurrency, args,
+                    [deployed.pid], workdir,
                 ))  # fmt: skip
             console.print(f"  runner client --concurrency {concurrency}")
             rows.append(await runner_client_level(deployed, concurrency, args.requests, args, workdir))
-        if ingress:
-            problems = await check_answers(url, inputs, oip_body, "application/json", oip_answer)
-            if problems:
+        for wire in wires:
+            if problems := await check_answers(url, inputs, wire):
                 raise RuntimeError(f"the ingress answered wrongly after the load: {problems[:3]}")
     finally:
         await deployed.stop()
@@ -336,22 +371,14 @@ async def ray_with_wrk(python: Path, args: argparse.Namespace, workdir: Path) ->
             raise RuntimeError(f"Ray Serve did not come up: {line!r}")
         url = line.split()[1] + f"?input_copies={args.input_copies}"
         inputs = make_inputs(args.size, "int64", count=16)
-
-        def raw(x: np.ndarray) -> bytes:
-            return x.astype("<i8").tobytes()
-
-        def answer(body: bytes) -> np.ndarray:
-            return np.frombuffer(body, dtype="<i8")
-
-        problems = await check_answers(url, inputs, raw, "application/octet-stream", answer)
-        if problems:
+        if problems := await check_answers(url, inputs, RAY_RAW):
             raise RuntimeError(f"Ray Serve answered wrongly: {problems[:3]}")
-        await run_wrk(url, raw(inputs[0]), "application/octet-stream", 8, 1, workdir, args.timeout)  # warm-up
+        await run_wrk(url, *RAY_RAW.request(inputs[0]), 8, 1, workdir, args.timeout)  # warm-up
         for concurrency in args.concurrency:
             console.print(f"  wrk -c{concurrency} {url}")
             rows.append(await wrk_level(
-                "c", "wrk -> Ray Serve proxy (raw int64)", url, raw(inputs[0]), "application/octet-stream",
-                concurrency, args, [proc.pid], workdir,
+                "c", f"wrk -> Ray Serve proxy ({RAY_RAW.name})", url, RAY_RAW.request(inputs[0]), concurrency,
+                args, [proc.pid], workdir,
             ))  # fmt: skip
     finally:
         proc.stdin.close()  # the host shuts Ray down and reaps its processes

@@ -14,7 +14,7 @@ local f = assert(io.open([[{body}]], "rb"))
 wrk.method = "POST"
 wrk.body = f:read("*a")
 f:close()
-wrk.headers["Content-Type"] = [[{content_type}]]
+{headers}
 
 function done(summary, latency, requests)
   local e = summary.errors
@@ -49,8 +49,8 @@ class WrkResult:
 
 async def run_wrk(
     url: str,
+    headers: dict[str, str],
     body: bytes,
-    content_type: str,
     connections: int,
     duration_s: float,
     workdir: Path,
@@ -62,7 +62,8 @@ async def run_wrk(
     body_path = workdir / "wrk_body"
     body_path.write_bytes(body)
     script = workdir / "wrk_post.lua"
-    script.write_text(LUA.format(body=body_path, content_type=content_type))
+    lines = "\n".join(f"wrk.headers[ [[{k}]] ] = [[{v}]]" for k, v in headers.items())
+    script.write_text(LUA.format(body=body_path, headers=lines))
     args = [
         "wrk", f"-t{min(connections, 2)}", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
         f"--timeout={timeout_s:g}s", "-s", str(script), url,
