@@ -1,0 +1,1 @@
+"""hello_streaming: frontend -> middle -> backend, streaming text word by word (the Dynamo hello world)."""
