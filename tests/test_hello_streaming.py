@@ -40,13 +40,45 @@ async def generate(conn: Connection, text: Any, **call: Any) -> list[Any]:
     return [response async for response in conn.operator("frontend").call(parameters=parameters, **call)]
 
 
-def test_the_deployment_file_is_valid_and_carries_the_intended_http_section_as_a_comment() -> None:
+def test_the_deployment_file_is_valid_and_serves_generate_over_http() -> None:
     config = parse_deployment(DEPLOYMENT_FILE.read_text(), DEPLOYMENT_FILE)
     assert [op.name for op in config.operators] == ["frontend", "middle", "backend"]
-    # The ingress is a separate change: its section is left commented out, ready to be enabled.
-    lines = DEPLOYMENT_FILE.read_text().splitlines()
-    http = yaml.safe_load("\n".join(line.removeprefix("# ") for line in lines[lines.index("# http:") :]))
-    assert http == {"http": {"port": 8000, "routes": {"/generate": "frontend"}}}
+    assert config.http is not None
+    assert (config.http.port, config.http.routes) == (8000, {"/generate": "frontend"})
+
+
+async def test_curl_streams_the_words_over_http_as_the_readme_shows(nats_url: str) -> None:
+    async with running(hello_streaming(backend={"delay": 0.2}), nats_url) as deployment:
+        assert deployment.http_url is not None
+        url = f"{deployment.http_url}/generate"
+        readme = (REPO_ROOT / "README.md").read_text()
+        shown = re.search(r"as newline-delimited JSON:\n\n```\n(.*?)```", readme, re.S)
+        assert shown, "README lost the hello_streaming output"
+
+        # The README's command as a user types it: no Content-Type, so curl says form-urlencoded.
+        started = time.monotonic()
+        curl = await asyncio.create_subprocess_exec(
+            "curl", "-sS", "-N", "-X", "POST", url, "-d", '{"text": "hello world"}',
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert curl.stdout is not None
+        first_line = await asyncio.wait_for(curl.stdout.readline(), 10)
+        first_at = time.monotonic() - started
+        rest, _ = await asyncio.wait_for(curl.communicate(), 10)
+        total = time.monotonic() - started
+        assert curl.returncode == 0
+        assert (first_line + rest).decode() == shown.group(1)
+        # Word by word: the first word came a whole generation step before the end.
+        assert total - first_at > 0.15
+
+        sse = await asyncio.create_subprocess_exec(
+            "curl", "-sS", "-N", "-X", "POST", url, "-H", "Accept: text/event-stream",
+            "-d", '{"text": "hello world"}', stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        events, _ = await asyncio.wait_for(sse.communicate(), 10)
+        shown_sse = re.search(r"as Server-Sent Events:\n\n```\n(.*?)```", readme, re.S)
+        assert shown_sse, "README lost the hello_streaming SSE output"
+        assert events.decode() == shown_sse.group(1)
 
 
 async def test_hello_world_streams_word_by_word_through_the_three_stages(nats_url: str) -> None:
