@@ -214,6 +214,7 @@ def hello_world_variant(base: Any, name: str, mode: str | None) -> Any:
     data = base.model_dump(mode="json")
     data["name"] = name
     data["working_dir"] = str(base.root)
+    data.pop("http", None)  # several copies run at once; they cannot share the file's HTTP port
     for op in data["operators"]:
         if mode is not None:
             op["delivery"]["mode"] = mode
@@ -468,7 +469,7 @@ async def setup(args: argparse.Namespace, keys: list[str], procs: Processes, wor
         rows.append(Row(key, ALL_ROWS[key], caller, {**base_roles, **deployment_roles(deployment)}, monitor))
         return deployment
 
-    hw_base = load_deployment(REPO / "deployments" / "hello_world_python.yaml")
+    hw_base = load_deployment(REPO / "deployments" / "hello_world_python.yaml").model_copy(update={"http": None})  # the NATS path only: no ingress process, no fixed port
     for key in keys:
         if key == "raw_rr":
             await raw(key, "hop.rr", "core", {"echo": 1}, False, "raw_rr")

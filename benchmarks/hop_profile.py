@@ -216,7 +216,7 @@ async def profile(args: argparse.Namespace, py_spy: str, workdir: Path) -> dict[
     server = NatsServer(workdir / "nats")
     url = await server.start()
     assert server.pid is not None
-    config = load_deployment(REPO / "deployments" / "hello_world_python.yaml")
+    config = load_deployment(REPO / "deployments" / "hello_world_python.yaml").model_copy(update={"http": None})  # the NATS path only: no ingress process, no fixed port
     deployment = Deployment(config, nats_url=url, drain_timeout_s=5.0)
     client: subprocess.Popen[bytes] | None = None
     try:

@@ -98,7 +98,7 @@ async def bench_round_trip(nats_url: str, requests: int, size_bytes: int) -> lis
 
 
 async def bench_hello_world(requests: int, size_elements: int) -> list[dict[str, Any]]:
-    config = load_deployment(REPO / "deployments" / "hello_world_python.yaml")
+    config = load_deployment(REPO / "deployments" / "hello_world_python.yaml").model_copy(update={"http": None})  # the NATS path only: no ingress process, no fixed port
     deployment = Deployment(config)
     await deployment.start()
     rows = []
