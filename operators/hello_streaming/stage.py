@@ -18,6 +18,11 @@ def request_text(request: Request, max_words: int) -> str:
         raise BadInputError('missing parameter "text" (send {"text": "hello world"})')
     if not isinstance(text, str):
         raise BadInputError(f'parameter "text" must be a string, got {type(text).__name__}')
+    return checked_words(text, max_words)
+
+
+def checked_words(text: str, max_words: int) -> str:
+    """``text`` itself when it has 1 to ``max_words`` words; BadInputError otherwise."""
     words = len(text.split())
     if words == 0:
         raise BadInputError('parameter "text" has no words')
