@@ -32,7 +32,7 @@ _CLASS_TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 #: Deployment settings the code has no say in: a compiled file may set them, and compiling into
 #: an existing file keeps them (the code owns the operators and where they are imported from).
-FILE_OWNED = ("request_plane", "data_plane", "log_level", "log_dir")
+FILE_OWNED = ("request_plane", "data_plane", "http", "log_level", "log_dir")
 
 
 def is_class_target(text: str) -> bool:
