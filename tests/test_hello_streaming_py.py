@@ -54,8 +54,8 @@ def test_the_compiled_file_has_the_yaml_first_operators_with_classes_instead_of_
         assert op.model_dump(exclude={"implementation", "parameters"}) == theirs.model_dump(
             exclude={"implementation", "parameters"}
         )
-    # The HTTP route is the deployment's, not a class's: only the YAML-first file has one.
-    assert yaml_first.http is not None and python_first.http is None
+    # The HTTP route is the deployment's, not a class's: written in the file, kept by compiling.
+    assert python_first.http == yaml_first.http
 
 
 async def answer(conn: Connection, operator: str, parameters: dict[str, Any]) -> Any:
