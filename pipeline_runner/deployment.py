@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from .config import DeploymentConfig, OperatorConfig
-from .http.spec import IngressSpec
 from .errors import RunnerError, WorkerStartError
+from .http.spec import IngressSpec
 from .nats_security import NatsClientOptions, embedded_server_config
 from .nats_server import NatsServer
 from .placement import Placer, WorkerPlacement, worker_environment
+from .process import STATUS_FD_ENV
 from .state import DeploymentState, WorkerState, state_dir
-from .worker import STATUS_FD_ENV, WorkerSpec
+from .worker import WorkerSpec
 
 log = logging.getLogger("pipeline_runner.deployment")
 
@@ -339,8 +340,8 @@ class Deployment:
         one port all processes share and the banner can print, a port in use fails the deploy
         before anything starts, and no other process can join the port.
         """
-        from .http.spec import resolve_token
         from .http.server import listening_socket
+        from .http.spec import resolve_token
 
         assert self.config.http is not None
         resolve_token(self.config.http.auth, self.config.root)  # a missing token fails now

@@ -1,10 +1,45 @@
-"""Helpers for the child processes the runner starts (nats-server, Triton, pip)."""
+"""Helpers for the child processes the runner starts (workers, ingress, nats-server, Triton, pip)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
+import json
+import logging
+import os
 import signal
+from collections.abc import Coroutine
+from typing import Any
+
+from .errors import RunnerError
+
+#: Environment variable naming the file descriptor a worker or ingress reports its state on.
+STATUS_FD_ENV = "PIPELINE_RUNNER_STATUS_FD"
+
+
+def report_status(event: str, **fields: Any) -> None:
+    """Tell the deployment process ``event`` ("ready", "failed") as one JSON line on the status pipe."""
+    fd = os.environ.get(STATUS_FD_ENV)
+    if not fd:
+        return
+    with contextlib.suppress(OSError):
+        os.write(int(fd), (json.dumps({"event": event, **fields}) + "\n").encode())
+
+
+def run_reporting_failure(main: Coroutine[Any, Any, None], what: str, log: logging.Logger) -> int:
+    """Run ``main`` to the end; a failure is logged and reported on the status pipe (exit code 3)."""
+    try:
+        asyncio.run(main)
+    except RunnerError as exc:
+        log.error("%s", exc)
+        report_status("failed", error=str(exc))
+        return 3
+    except Exception as exc:
+        log.exception("%s failed", what)
+        report_status("failed", error=f"{type(exc).__name__}: {exc}")
+        return 3
+    return 0
 
 
 def die_with_parent() -> None:

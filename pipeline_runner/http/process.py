@@ -9,27 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any
 
-from ..errors import RunnerError
-from ..process import die_with_parent
+from ..process import die_with_parent, report_status, run_reporting_failure
 from ..remote import Connection
 from .ingress import Ingress
 from .server import HttpServer
 from .spec import IngressSpec, resolve_token
 
 log = logging.getLogger("pipeline_runner.http")
-
-#: Environment variable naming the file descriptor the process reports "ready" on.
-STATUS_FD_ENV = "PIPELINE_RUNNER_STATUS_FD"
-
 
 async def run_ingress(spec: IngressSpec) -> None:
     config = spec.deployment
@@ -55,20 +48,13 @@ async def run_ingress(spec: IngressSpec) -> None:
         )  # fmt: skip
         await server.start()
         log.info("serving HTTP on %s:%s as %s", server.host, server.port, spec.ingress_id)
-        _report("ready", pid=os.getpid())
+        report_status("ready", pid=os.getpid())
         await stopping.wait()
         log.info("stopping: letting requests in flight finish")
         await server.stop()
         await ingress.stop()
     finally:
         await connection.close()
-
-
-def _report(event: str, **fields: Any) -> None:
-    fd = os.environ.get(STATUS_FD_ENV)
-    if fd:
-        with contextlib.suppress(OSError):
-            os.write(int(fd), (json.dumps({"event": event, **fields}) + "\n").encode())
 
 
 def _use_uvloop() -> None:
@@ -89,17 +75,7 @@ def main() -> int:
         stream=sys.stderr,
     )
     _use_uvloop()
-    try:
-        asyncio.run(run_ingress(spec))
-    except RunnerError as exc:
-        log.error("%s", exc)
-        _report("failed", error=str(exc))
-        return 3
-    except Exception as exc:
-        log.exception("ingress failed")
-        _report("failed", error=f"{type(exc).__name__}: {exc}")
-        return 3
-    return 0
+    return run_reporting_failure(run_ingress(spec), "ingress", log)
 
 
 if __name__ == "__main__":

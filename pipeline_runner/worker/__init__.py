@@ -7,7 +7,8 @@
   redelivery policy, error mapping), which knows requests only as deliveries and replies.
 """
 
-from .process import STATUS_FD_ENV, main, run_worker
+from ..process import STATUS_FD_ENV
+from .process import main, run_worker
 from .serving import Worker
 from .spec import WorkerSpec
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -24,11 +23,11 @@ from nats.aio.msg import Msg
 
 from ..context import ServingContext, set_context
 from ..data_plane.plane import DataPlane
-from ..errors import RunnerError
 from ..inbound import Inbound
 from ..loader import load_operator_class
 from ..operator import Operator, OperatorContext
 from ..placement import CUDA_VISIBLE_DEVICES, activate_gpu
+from ..process import die_with_parent, report_status, run_reporting_failure
 from ..queue_group import QueueGroupInbound
 from ..remote import Connection
 from ..reply import Responder
@@ -37,7 +36,6 @@ from ..work_queue import WorkQueueConsumer, WorkQueueSettings, stream_name
 from .serving import Worker
 from .spec import WorkerSpec
 
-STATUS_FD_ENV = "PIPELINE_RUNNER_STATUS_FD"
 log = logging.getLogger("pipeline_runner.worker")
 
 
@@ -151,7 +149,7 @@ async def run_worker(spec: WorkerSpec) -> None:
         loop.add_signal_handler(sig, worker.stop)
     try:
         async with _control_subjects(spec, worker, plane, data_plane):
-            await worker.serve(on_ready=lambda: _report("ready", pid=os.getpid()))
+            await worker.serve(on_ready=lambda: report_status("ready", pid=os.getpid()))
     finally:
         with contextlib.suppress(Exception):
             await operator.teardown()
@@ -159,40 +157,14 @@ async def run_worker(spec: WorkerSpec) -> None:
         await plane.close()
 
 
-def _die_with_parent(parent_pid: int | None) -> None:
-    """Ask Linux to SIGTERM us when the deployment process dies, so no worker is orphaned."""
-    if parent_pid is None or not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent_pid:
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _report(event: str, **fields: Any) -> None:
-    fd = os.environ.get(STATUS_FD_ENV)
-    if not fd:
-        return
-    with contextlib.suppress(OSError):
-        os.write(int(fd), (json.dumps({"event": event, **fields}) + "\n").encode())
-
-
 def main() -> int:
     spec = WorkerSpec.model_validate_json(sys.stdin.read())
-    _die_with_parent(spec.parent_pid)
+    die_with_parent()  # no worker is orphaned when the deployment process dies
+    if spec.parent_pid is not None and os.getppid() != spec.parent_pid:
+        return 1  # the deployment is already gone
     logging.basicConfig(
         level=spec.operator.log_level or spec.log_level,
         format=f"%(asctime)s %(levelname)s [{spec.worker_id} pid={os.getpid()}] %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    try:
-        asyncio.run(run_worker(spec))
-    except RunnerError as exc:
-        log.error("%s", exc)
-        _report("failed", error=str(exc))
-        return 3
-    except Exception as exc:
-        log.exception("worker failed")
-        _report("failed", error=f"{type(exc).__name__}: {exc}")
-        return 3
-    return 0
+    return run_reporting_failure(run_worker(spec), "worker", log)
