@@ -20,6 +20,7 @@ from rich.table import Table
 
 from .errors import ConfigError, RunnerError
 from .nats_security import redact_url
+from .process import use_fast_event_loop
 
 if TYPE_CHECKING:
     from .capacity import HostShare
@@ -453,6 +454,7 @@ def _print_banner(deployment: Any) -> None:
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
+    use_fast_event_loop()
     return asyncio.run(_client(args))
 
 

@@ -16,6 +16,24 @@ from .errors import RunnerError
 
 #: Environment variable naming the file descriptor a worker or ingress reports its state on.
 STATUS_FD_ENV = "PIPELINE_RUNNER_STATUS_FD"
+#: ``asyncio`` runs the hot-path processes on the standard event loop instead of uvloop.
+EVENT_LOOP_ENV = "PIPELINE_RUNNER_EVENT_LOOP"
+
+
+def use_fast_event_loop() -> str:
+    """Run this process's asyncio on uvloop unless ``PIPELINE_RUNNER_EVENT_LOOP=asyncio``.
+
+    Workers, ingress processes and ``runner client`` call it before ``asyncio.run``: uvloop spends
+    less CPU per message (benchmarks/RESULTS.md, "Hop"). Returns the loop chosen.
+    """
+    if os.environ.get(EVENT_LOOP_ENV, "uvloop").strip().lower() == "asyncio":
+        return "asyncio"
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
 
 
 def report_status(event: str, **fields: Any) -> None:

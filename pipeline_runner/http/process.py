@@ -8,7 +8,6 @@ the status pipe, and on SIGTERM stops accepting, lets requests in flight finish,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -16,7 +15,7 @@ import socket
 import sys
 from pathlib import Path
 
-from ..process import die_with_parent, report_status, run_reporting_failure
+from ..process import die_with_parent, report_status, run_reporting_failure, use_fast_event_loop
 from ..remote import Connection
 from .ingress import Ingress
 from .server import HttpServer
@@ -57,13 +56,6 @@ async def run_ingress(spec: IngressSpec) -> None:
         await connection.close()
 
 
-def _use_uvloop() -> None:
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
 def main() -> int:
     spec = IngressSpec.model_validate_json(sys.stdin.read())
     die_with_parent()
@@ -74,7 +66,7 @@ def main() -> int:
         format=f"%(asctime)s %(levelname)s [{spec.ingress_id} pid={os.getpid()}] %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    _use_uvloop()
+    use_fast_event_loop()
     return run_reporting_failure(run_ingress(spec), "ingress", log)
 
 

@@ -27,7 +27,7 @@ from ..inbound import Inbound
 from ..loader import load_operator_class
 from ..operator import Operator, OperatorContext
 from ..placement import CUDA_VISIBLE_DEVICES, activate_gpu
-from ..process import die_with_parent, report_status, run_reporting_failure
+from ..process import die_with_parent, report_status, run_reporting_failure, use_fast_event_loop
 from ..queue_group import QueueGroupInbound
 from ..remote import Connection
 from ..reply import Responder
@@ -167,4 +167,5 @@ def main() -> int:
         format=f"%(asctime)s %(levelname)s [{spec.worker_id} pid={os.getpid()}] %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    use_fast_event_loop()
     return run_reporting_failure(run_worker(spec), "worker", log)
