@@ -12,11 +12,12 @@ Rows (each at every ``--concurrency``, 1024 int32 per request like ``runner clie
 * ``hello_world``: deployments/hello_world_python.yaml called through the library, no answer
   check; ``hello_world_amo``: the same with every operator ``at_most_once``;
   ``hello_world_uvloop``: the same file with every worker and the caller on uvloop (through a
-  ``sitecustomize`` on PYTHONPATH; the library is unchanged);
+  ``sitecustomize`` on PYTHONPATH); workers run on uvloop by default, so ``hello_world_asyncio``
+  puts them on asyncio's own loop (``PIPELINE_RUNNER_EVENT_LOOP=asyncio``) for comparison;
 * ``runner_client``: ``runner client`` (a subprocess on a pseudo-terminal, as a user runs it:
   answer checks and progress bar) against hello_world; on request (``--rows``) also
-  ``runner_client_no_check`` (``--no-check``) and ``runner_client_no_tty`` (output to a pipe,
-  so no progress bar is drawn).
+  ``runner_client_no_check`` (``--no-check``), ``runner_client_no_tty`` (output to a pipe,
+  so no progress bar is drawn) and ``runner_client_asyncio`` (on asyncio's own loop).
 
 Every row reports req/s, p50, p99 and CPU time per request summed over every process involved
 (nats-server, workers or responders, the caller, this process), read from /proc around the
@@ -237,6 +238,8 @@ async def run_client(
         *(["--no-check"] if variant == "no_check" else []),
     ]  # fmt: skip
     env = dict(os.environ, TERM=os.environ.get("TERM", "xterm-256color"))
+    if variant == "asyncio":
+        env["PIPELINE_RUNNER_EVENT_LOOP"] = "asyncio"
     # A terminal, as a user has; with variant "no_tty" a pipe (rich then draws no progress bar).
     master, slave = os.pipe() if variant == "no_tty" else pty.openpty()
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
@@ -411,11 +414,13 @@ ALL_ROWS = {
     "hello_world": "hello_world_python via library",
     "hello_world_amo": "hello_world_python via library, at_most_once",
     "hello_world_uvloop": "hello_world_python via library, uvloop everywhere",
+    "hello_world_asyncio": "hello_world_python via library, workers on asyncio's own loop",
     "runner_client": "runner client -> hello_world_python",
+    "runner_client_asyncio": "runner client on asyncio's own loop -> hello_world_python",
     "runner_client_no_check": "runner client --no-check",
     "runner_client_no_tty": "runner client, output to a pipe (no progress bar)",
 }
-DEFAULT_ROWS = [k for k in ALL_ROWS if k not in ("runner_client_no_check", "runner_client_no_tty")]
+DEFAULT_ROWS = [k for k in ALL_ROWS if k not in ("runner_client_no_check", "runner_client_no_tty", "runner_client_asyncio")]
 
 
 async def setup(args: argparse.Namespace, keys: list[str], procs: Processes, workdir: Path, stack: contextlib.AsyncExitStack) -> tuple[str, list[Row]]:
@@ -456,8 +461,7 @@ async def setup(args: argparse.Namespace, keys: list[str], procs: Processes, wor
                     os.environ[k] = v
         return deployment
 
-    async def library(key: str, config: Any, operator: str, uvloop: bool = False) -> Any:
-        env = None
+    async def library(key: str, config: Any, operator: str, uvloop: bool = False, env: dict[str, str] | None = None) -> Any:
         if uvloop:
             site = workdir / "uvloop-site"
             site.mkdir(exist_ok=True)
@@ -495,6 +499,11 @@ async def setup(args: argparse.Namespace, keys: list[str], procs: Processes, wor
             await library(key, hello_world_variant(hw_base, "hw_at_most_once", "at_most_once"), "encoder_decoder")
         elif key == "hello_world_uvloop":
             await library(key, hello_world_variant(hw_base, "hw_uvloop", None), "encoder_decoder", uvloop=True)
+        elif key == "hello_world_asyncio":
+            await library(
+                key, hello_world_variant(hw_base, "hw_asyncio", None), "encoder_decoder",
+                env={"PIPELINE_RUNNER_EVENT_LOOP": "asyncio"},
+            )  # fmt: skip
         elif key.startswith("runner_client"):
             rows.append(Row(key, ALL_ROWS[key], None, {**base_roles, **deployment_roles(hw)}))
     return url, rows
