@@ -16,9 +16,16 @@ class EncoderDecoder(Operator):
         await asyncio.gather(*(self._run(request) for request in requests))
 
     async def _run(self, request: Request) -> None:
-        # Both stages must agree on the number of copies, so the pipeline decides it once.
-        copies = request.parameters.get("input_copies", self.parameters.get("input_copies", 3))
-        params = {**request.parameters, "input_copies": copies}
-        encoded = await self.encoder.infer(request.inputs, parameters=params)
-        decoded = await self.decoder.infer({"input": encoded.outputs["output"]}, parameters=params)
-        await request.respond({"output": decoded.outputs["output"]})
+        await encode_then_decode(request, self.encoder, self.decoder, self.parameters.get("input_copies", 3))
+
+
+async def encode_then_decode(
+    request: Request, encoder: RemoteOperator, decoder: RemoteOperator, default_copies: int
+) -> None:
+    """Answer ``request`` with decoder(encoder(input)): the pipeline's one step, in either style."""
+    # Both stages must agree on the number of copies, so the pipeline decides it once.
+    copies = request.parameters.get("input_copies", default_copies)
+    params = {**request.parameters, "input_copies": copies}
+    encoded = await encoder.infer(request.inputs, parameters=params)
+    decoded = await decoder.infer({"input": encoded.outputs["output"]}, parameters=params)
+    await request.respond({"output": decoded.outputs["output"]})

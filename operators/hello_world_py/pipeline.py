@@ -10,6 +10,7 @@ import asyncio
 from pipeline_runner import Operator, Request, depends, operator_defaults
 
 from ..hello_world.encoder import copies_and_delay
+from ..hello_world.encoder_decoder import encode_then_decode
 from ..hello_world.math import decode, encode
 
 
@@ -55,9 +56,4 @@ class EncoderDecoder(Operator):
         await asyncio.gather(*(self._run(request) for request in requests))
 
     async def _run(self, request: Request) -> None:
-        # Both stages must agree on the number of copies, so the pipeline decides it once.
-        copies = request.parameters.get("input_copies", self.parameters.get("input_copies", 3))
-        params = {**request.parameters, "input_copies": copies}
-        encoded = await self.encoder.infer(request.inputs, parameters=params)
-        decoded = await self.decoder.infer({"input": encoded.outputs["output"]}, parameters=params)
-        await request.respond({"output": decoded.outputs["output"]})
+        await encode_then_decode(request, self.encoder, self.decoder, self.parameters.get("input_copies", 3))
