@@ -34,6 +34,18 @@ async def stats_of(conn: Connection, operator: str) -> dict[str, Any]:
     return stats
 
 
+async def assert_every_stage_cancelled_and_the_backend_stopped(conn: Connection, words: int) -> None:
+    """After a caller left mid-stream: each stage counted one cancel, and the backend sends no more words."""
+    deadline = time.monotonic() + 5
+    while (await stats_of(conn, "backend"))["cancelled"] != 1:
+        assert time.monotonic() < deadline, "the backend never heard of the cancel"
+        await asyncio.sleep(0.1)
+    stopped_at = (await stats_of(conn, "backend"))["operator_stats"]["words_sent"]
+    await asyncio.sleep(1.0)  # five more words' time
+    assert (await stats_of(conn, "backend"))["operator_stats"]["words_sent"] == stopped_at < words
+    assert [(await stats_of(conn, name))["cancelled"] for name in ("frontend", "middle")] == [1, 1]
+
+
 async def generate(conn: Connection, text: Any, **call: Any) -> list[Any]:
     """Every response frontend sends for ``text``: the streamed ones, then the final one."""
     parameters = {} if text is None else {"text": text}
@@ -158,11 +170,4 @@ async def test_a_caller_leaving_mid_stream_stops_the_backend(nats_url: str) -> N
                 if received == 2:
                     break  # the caller goes away
 
-        deadline = time.monotonic() + 5
-        while (await stats_of(conn, "backend"))["cancelled"] != 1:
-            assert time.monotonic() < deadline, "the backend never heard of the cancel"
-            await asyncio.sleep(0.1)
-        stopped_at = (await stats_of(conn, "backend"))["operator_stats"]["words_sent"]
-        await asyncio.sleep(1.0)  # five more words' time
-        assert (await stats_of(conn, "backend"))["operator_stats"]["words_sent"] == stopped_at < words
-        assert [(await stats_of(conn, name))["cancelled"] for name in ("frontend", "middle")] == [1, 1]
+        await assert_every_stage_cancelled_and_the_backend_stopped(conn, words)

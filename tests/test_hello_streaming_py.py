@@ -6,9 +6,7 @@ Real nats-server, real worker processes.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
 from typing import Any
 
 from pipeline_runner import Connection, DeploymentConfig, OperatorError
@@ -16,7 +14,7 @@ from pipeline_runner.config_loader import load_deployment
 
 from .conftest import REPO_ROOT, connected, running
 from .test_cli import runner
-from .test_hello_streaming import stats_of
+from .test_hello_streaming import assert_every_stage_cancelled_and_the_backend_stopped
 
 YAML_FIRST = REPO_ROOT / "deployments" / "hello_streaming.yaml"
 PYTHON_FIRST = REPO_ROOT / "deployments" / "hello_streaming_py.yaml"
@@ -124,11 +122,4 @@ async def test_a_caller_leaving_mid_stream_stops_the_python_first_backend(nats_u
             async for _ in stream:
                 break  # the caller goes away after the first word
 
-        deadline = time.monotonic() + 5
-        while (await stats_of(conn, "backend"))["cancelled"] != 1:
-            assert time.monotonic() < deadline, "the backend never heard of the cancel"
-            await asyncio.sleep(0.1)
-        stopped_at = (await stats_of(conn, "backend"))["operator_stats"]["words_sent"]
-        await asyncio.sleep(1.0)  # five more words' time
-        assert (await stats_of(conn, "backend"))["operator_stats"]["words_sent"] == stopped_at < words
-        assert [(await stats_of(conn, name))["cancelled"] for name in ("frontend", "middle")] == [1, 1]
+        await assert_every_stage_cancelled_and_the_backend_stopped(conn, words)
