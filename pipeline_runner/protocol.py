@@ -95,6 +95,9 @@ class RequestHeader(_Wire):
     timeout_s: float = Field(gt=0, description="Time left for the request when it was sent.")
     parameters: dict[str, JSONValue] = Field(default_factory=dict)
     tensors: list[TensorDescriptor] = Field(default_factory=list)
+    trace_context: dict[str, str] | None = Field(
+        None, description="W3C trace context (traceparent, tracestate) of the caller's span, when tracing is on."
+    )
 
 
 class ResponseHeader(_Wire):
