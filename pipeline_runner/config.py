@@ -139,6 +139,24 @@ class DataPlaneConfig(_Model):
     )
 
 
+class BatchingConfig(_Model):
+    """Dynamic batching: requests arriving close together run in one ``execute`` call."""
+
+    max_batch_size: int = Field(
+        ..., ge=1, le=100_000, description="Most requests handed to one execute() call; a full batch runs at once."
+    )
+    max_wait_ms: float = Field(
+        ...,
+        ge=0,
+        le=60_000,
+        description=(
+            "Longest a batch waits for more requests after its first one arrived; a request "
+            "whose deadline is closer than this closes its batch at once. 0: take only what is "
+            "already waiting."
+        ),
+    )
+
+
 class DeliveryConfig(_Model):
     """What happens to a request when the worker holding it dies."""
 
@@ -324,7 +342,20 @@ class OperatorConfig(_Model):
         ),
     )
     max_batch_size: int = Field(
-        1, ge=1, le=100_000, description="Most requests handed to one execute() call."
+        1,
+        ge=1,
+        le=100_000,
+        description=(
+            "Most requests handed to one execute() call, taking only those already waiting "
+            "(the same as batching: {max_batch_size: N, max_wait_ms: 0})."
+        ),
+    )
+    batching: BatchingConfig | None = Field(
+        None,
+        description=(
+            "kind python: dynamic batching, e.g. {max_batch_size: 32, max_wait_ms: 5}: a batch "
+            "runs when full or when its first request has waited max_wait_ms."
+        ),
     )
     max_request_bytes: int | None = Field(
         None,
@@ -375,7 +406,7 @@ class OperatorConfig(_Model):
     def _fields_of_its_kind(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> OperatorConfig:
         # Wraps the fields' own validation so that a missing or misplaced key is reported
         # together with whatever else is wrong with the operator.
-        details = _kind_problems(data) + _device_problems(data)
+        details = _kind_problems(data) + _device_problems(data) + _batching_problems(data)
         if not details:
             validated: OperatorConfig = handler(data)
             return validated
@@ -386,8 +417,14 @@ class OperatorConfig(_Model):
         raise ValidationError.from_exception_data(cls.__name__, details)
 
 
+    @property
+    def batch_policy(self) -> BatchingConfig:
+        """How this operator's requests are batched (``max_batch_size`` alone waits for none)."""
+        return self.batching or BatchingConfig(max_batch_size=self.max_batch_size, max_wait_ms=0)
+
+
 _KIND_KEYS = {
-    "python": ("implementation",),
+    "python": ("implementation", "batching"),
     "triton": ("repository", "model", "model_version", "config_overrides"),
 }
 _KIND_NEEDS = {"python": "implementation", "triton": "repository"}
@@ -433,6 +470,34 @@ def _device_problems(op: Any) -> list[InitErrorDetails]:
         requirement="must not be set for device 'cpu' (set device: gpu or auto to use GPUs)",
     )
     return [InitErrorDetails(type=error, loc=("gpus",), input=op["gpus"])]
+
+
+def _batching_problems(op: Any) -> list[InitErrorDetails]:
+    """Errors for ``batching`` (as written) next to ``max_batch_size``, or beyond the worker's slots."""
+    if not isinstance(op, dict) or not isinstance(op.get("batching"), dict):
+        return []
+    details = []
+    if op.get("max_batch_size") not in (None, 1):
+        error = _rule_error(
+            "batch_size_twice",
+            "both max_batch_size and batching are set",
+            requirement="must not be set together with max_batch_size (move it to batching.max_batch_size)",
+        )
+        details.append(InitErrorDetails(type=error, loc=("batching",), input=op["batching"]))
+    size, inflight = op["batching"].get("max_batch_size"), op.get("max_inflight_requests", 16)
+    if isinstance(size, int) and isinstance(inflight, int) and size > inflight:
+        error = _rule_error(
+            "batch_beyond_inflight",
+            "batching.max_batch_size {size} exceeds max_inflight_requests {inflight}",
+            requirement=(
+                f"must be at most max_inflight_requests ({inflight}): each request of a batch takes "
+                "one of the worker's slots (raise max_inflight_requests)"
+            ),
+            size=size,
+            inflight=inflight,
+        )
+        details.append(InitErrorDetails(type=error, loc=("batching", "max_batch_size"), input=size))
+    return details
 
 
 def _duplicate_names(operators: Any) -> list[InitErrorDetails]:

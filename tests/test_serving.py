@@ -321,3 +321,110 @@ async def test_execute_runs_inside_the_requests_serving_context() -> None:
     (context,) = seen
     assert context.deadline is not None and sent + 3.5 < context.deadline <= time.monotonic() + 4.0
     assert context.scope is not None
+
+
+# --- dynamic batching ------------------------------------------------------------------------
+
+
+async def _collect(sink: RecordingSink, n: int) -> dict[str, ResponseHeader]:
+    answers = [await sink.next() for _ in range(n)]
+    return {header.id: header for _, header, _ in answers}
+
+
+async def test_a_batch_runs_as_soon_as_it_is_full_without_waiting_out_max_wait() -> None:
+    async with serving(batching={"max_batch_size": 4, "max_wait_ms": 4_000}) as (worker, inbound, sink, _):
+        sent = time.monotonic()
+        for i in range(4):
+            await inbound.deliver(request(f"r{i}", {"x": np.ones(1)}))
+        headers = await _collect(sink, 4)
+        assert time.monotonic() - sent < 4.0
+        assert [h.parameters["batch"] for h in headers.values()] == [4, 4, 4, 4]
+        assert worker.stats()["batches"] == 1
+
+
+async def test_a_lone_request_runs_once_its_wait_is_over_and_not_before() -> None:
+    async with serving(batching={"max_batch_size": 8, "max_wait_ms": 300}) as (_, inbound, sink, _op):
+        sent = time.monotonic()
+        await inbound.deliver(request("r1", {"x": np.ones(1)}))
+        _, header, _ = await sink.next()
+        waited = time.monotonic() - sent
+        assert header.error is None and header.parameters["batch"] == 1
+        assert 0.3 <= waited < 3.0
+
+
+async def test_requests_arriving_within_the_wait_share_one_batch() -> None:
+    async with serving(batching={"max_batch_size": 8, "max_wait_ms": 400}) as (worker, inbound, sink, _):
+        for i in range(3):
+            await inbound.deliver(request(f"r{i}", {"x": np.ones(1)}))
+            await asyncio.sleep(0.05)
+        headers = await _collect(sink, 3)
+        assert {h.parameters["batch"] for h in headers.values()} == {3}
+        assert worker.stats()["batches"] == 1
+
+
+async def test_a_request_whose_deadline_is_nearer_than_max_wait_is_not_held_until_it_passes() -> None:
+    async with serving(batching={"max_batch_size": 8, "max_wait_ms": 5_000}) as (_, inbound, sink, _op):
+        sent = time.monotonic()
+        await inbound.deliver(request("hurried", {"x": np.ones(1)}, timeout_s=1.0))
+        _, header, _ = await sink.next()
+        assert header.id == "hurried" and header.error is None
+        assert time.monotonic() - sent < 1.0  # answered within its deadline, not after 5 s
+
+
+async def test_a_hurried_request_closes_the_batch_it_joins() -> None:
+    async with serving(batching={"max_batch_size": 8, "max_wait_ms": 5_000}) as (_, inbound, sink, _op):
+        await inbound.deliver(request("patient", {"x": np.ones(1)}, timeout_s=30.0))
+        await asyncio.sleep(0.05)
+        sent = time.monotonic()
+        await inbound.deliver(request("hurried", {"x": np.ones(1)}, timeout_s=1.0))
+        headers = await _collect(sink, 2)
+        assert time.monotonic() - sent < 1.0
+        assert {h.parameters["batch"] for h in headers.values()} == {2}
+
+
+async def test_an_error_in_a_batch_goes_to_every_member() -> None:
+    async with serving(batching={"max_batch_size": 3, "max_wait_ms": 4_000}) as (_, inbound, sink, _op):
+        for i, do in enumerate(["crash", "echo", "echo"]):
+            await inbound.deliver(request(f"r{i}", {"x": np.ones(1)}, do=do))
+        headers = await _collect(sink, 3)
+        # "crash" is first: execute raised before answering anyone.
+        assert {h.error.code for h in headers.values() if h.error} == {"operator_failed"}
+        assert all(h.error and "ZeroDivisionError" in h.error.message for h in headers.values())
+
+
+async def test_cancelling_a_waiting_request_drops_it_from_its_batch() -> None:
+    async with serving(batching={"max_batch_size": 8, "max_wait_ms": 300}) as (worker, inbound, sink, _):
+        await inbound.deliver(request("stays", {"x": np.ones(1)}))
+        await inbound.deliver(request("leaves", {"x": np.ones(1)}), tag="leaves")
+        worker.cancel("leaves")
+        while "leaves" not in inbound.done:  # done at once, not when the batch runs
+            await asyncio.sleep(0.01)
+        _, header, _ = await sink.next()
+        assert header.id == "stays" and header.parameters["batch"] == 1
+        await asyncio.sleep(0.1)
+        assert sink.responses.empty() and worker.stats()["cancelled"] == 1
+
+
+async def test_cancelling_one_running_request_of_a_batch_leaves_the_others_running() -> None:
+    async with serving(batching={"max_batch_size": 2, "max_wait_ms": 4_000}) as (worker, inbound, sink, operator):
+        await inbound.deliver(request("r1", do="hang"), tag="r1")
+        await inbound.deliver(request("r2", do="hang"), tag="r2")
+        await asyncio.wait_for(operator.started.setdefault("r1", asyncio.Event()).wait(), 5.0)
+        worker.cancel("r2")
+        await asyncio.sleep(0.1)
+        assert operator.cancelled == [] and inbound.done == []  # r1 still runs: so does the batch
+        worker.cancel("r1")
+        while sorted(inbound.done) != ["r1", "r2"]:
+            await asyncio.sleep(0.01)
+        assert operator.cancelled == ["r1"] and worker.stats()["cancelled"] == 2
+
+
+async def test_a_batching_worker_takes_in_one_batch_beyond_its_slots_so_the_next_one_fills() -> None:
+    async with serving(
+        max_inflight_requests=4, batching={"max_batch_size": 4, "max_wait_ms": 4_000}
+    ) as (_, inbound, _sink, operator):
+        assert inbound.capacity() == 8
+        for i in range(4):
+            await inbound.deliver(request(f"r{i}", do="hang"))
+        await asyncio.wait_for(operator.started.setdefault("r0", asyncio.Event()).wait(), 5.0)
+        assert inbound.capacity() == 4  # a running batch of 4, room for the next

@@ -1,6 +1,8 @@
 """The serving loop of one worker: deliveries in, batches through the operator, replies out.
 
-It admits requests up to the operator's limits, batches them, runs ``execute`` inside the
+It admits requests up to the operator's limits, batches them (see :mod:`.batching`; a
+delivery goes straight to the batch former and each batch to its own task, with no queue or
+dispatcher task between), runs ``execute`` inside the
 request's serving context, cancels what callers gave up on, refuses redeliveries the operator
 cannot take and turns whatever ``execute`` raised into an
 :class:`~pipeline_runner.protocol.ErrorInfo`. It knows nothing of NATS: requests come from an
@@ -26,17 +28,18 @@ from ..protocol import ErrorInfo, decode_request, salvage_reply_to
 from ..reply import Responder
 from ..request_plane import operator_subject
 from ..tensor import TensorScope, check_request_size, decode_tensors
+from .batching import Admitted, Batch, BatchFormer
 from .spec import WorkerSpec
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Coroutine
 
     from ..data_plane.plane import DataPlane
     from ..remote import Connection
 
 log = logging.getLogger("pipeline_runner.worker")
 
-# Requests cancelled before they started are remembered, up to this many.
+# Requests cancelled before they arrived are remembered, up to this many.
 _CANCELLED_EARLY_MAX = 10_000
 _NO_RESPONSE = ErrorInfo(code="no_response", message="the operator returned without a final response")
 
@@ -64,24 +67,29 @@ class Worker:
         op = spec.operator
         self._subject = operator_subject(spec.deployment, op.name, op.version)
         self._max_request_bytes = op.max_request_bytes or default_max_request_bytes()
-        self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
-        self._slots = asyncio.Semaphore(op.max_inflight_requests)
+        policy = op.batch_policy
+        self._batches = BatchFormer(policy, self._idle_slots, self._start_batch)
+        # A batching worker takes in one more batch than it runs, so the next batch fills while
+        # the last one runs instead of after it.
+        self._forming_room = min(policy.max_batch_size, op.max_queued_requests) if policy.max_batch_size > 1 else 0
         self._tasks: set[asyncio.Task[None]] = set()
-        # Requests received and not yet finished, wherever they are (queue, dispatcher, batch).
+        # Requests received and not yet finished, wherever they are (waiting, running).
         self._unfinished = 0
+        # Requests in running batches: each holds one of max_inflight_requests slots.
+        self._executing = 0
         # Requests being executed: id -> (request, the task running its batch).
         self._running: dict[str, tuple[Request, asyncio.Task[Any]]] = {}
-        self._cancelled_early: dict[str, None] = {}  # cancelled before they started (bounded)
+        self._cancelled_early: dict[str, None] = {}  # cancelled before they arrived (bounded)
         self._stopping = asyncio.Event()
         self.served = 0
         self.cancelled = 0
         self.redelivered = 0
+        self.batches = 0
 
     async def serve(self, on_ready: Callable[[], None] | None = None) -> None:
         """Serve until :meth:`stop`, then drain the unfinished requests and return."""
         op = self.spec.operator
-        await self.inbound.start(self._on_delivery, capacity=self._free_slots)
-        dispatcher = asyncio.create_task(self._dispatch())
+        await self.inbound.start(self._on_delivery, capacity=self._room)
         log.info("serving %s as %s (delivery %s)", self._subject, self.spec.worker_id, op.delivery.mode)
         if on_ready:
             on_ready()
@@ -91,7 +99,7 @@ class Worker:
         deadline = time.monotonic() + self.spec.drain_timeout_s
         while self._unfinished and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        dispatcher.cancel()
+        self._batches.clear()  # never acknowledged: a work queue hands them to another worker
         await self.inbound.close()
         log.info("stopped after serving %d requests", self.served)
 
@@ -104,6 +112,7 @@ class Worker:
             "served": self.served,
             "cancelled": self.cancelled,
             "redelivered": self.redelivered,
+            "batches": self.batches,
             "unfinished": self._unfinished,
             "operator_stats": self.operator.stats(),
         }
@@ -112,6 +121,12 @@ class Worker:
         """The caller of ``request_id`` gave up: stop working on it (or never start)."""
         entry = self._running.get(request_id)
         if entry is None:
+            waiting = self._batches.remove(request_id)
+            if waiting is not None:
+                waiting.request.cancel()
+                log.info("request %s cancelled by its caller before its batch ran", request_id)
+                self._spawn(self._finish([waiting]))
+                return
             self._cancelled_early[request_id] = None
             while len(self._cancelled_early) > _CANCELLED_EARLY_MAX:
                 self._cancelled_early.pop(next(iter(self._cancelled_early)))
@@ -125,8 +140,12 @@ class Worker:
 
     # --- admission and batching -----------------------------------------------------------
 
-    def _free_slots(self) -> int:
-        return self.spec.operator.max_inflight_requests - self._unfinished
+    def _room(self) -> int:
+        """How many more requests the inbound may hand over now (a pulling one asks for no more)."""
+        return self.spec.operator.max_inflight_requests + self._forming_room - self._unfinished
+
+    def _idle_slots(self) -> int:
+        return self.spec.operator.max_inflight_requests - self._executing
 
     async def _on_delivery(self, delivery: Delivery) -> None:
         op = self.spec.operator
@@ -136,7 +155,17 @@ class Worker:
                                f"max_queued_requests={op.max_queued_requests})")
             return
         self._unfinished += 1
-        self._queue.put_nowait(delivery)
+        try:
+            request = await self._decode(delivery)
+        except Exception:  # a bug here must not leave the request unfinished
+            log.exception("internal error while admitting a request")
+            request = None
+        if request is None:
+            await delivery.done()
+            self._unfinished -= 1
+            await self.inbound.capacity_freed()
+            return
+        self._batches.add(Admitted(request, delivery, time.monotonic()))
 
     async def _refuse(self, delivery: Delivery, why: str) -> None:
         """Answer at once with an 'overloaded' error instead of queueing without bound."""
@@ -151,38 +180,40 @@ class Worker:
                 await reply.fail(ErrorInfo(code="overloaded", message=why))
         await delivery.done()
 
-    async def _dispatch(self) -> None:
-        max_batch = self.spec.operator.max_batch_size
-        while True:
-            delivery = await self._queue.get()
-            await self._slots.acquire()
-            batch = [delivery]
-            while len(batch) < max_batch and not self._queue.empty() and not self._slots.locked():
-                await self._slots.acquire()
-                batch.append(self._queue.get_nowait())
-            task = asyncio.create_task(self._run_batch(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def _start_batch(self, batch: Batch) -> None:
+        """``batch`` is formed (full, or its wait is over): it takes its slots and runs."""
+        self._executing += batch.size
+        self.batches += 1
+        self._spawn(self._run_batch(batch))
 
-    async def _run_batch(self, deliveries: list[Delivery]) -> None:
-        requests: list[Request] = []
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_batch(self, batch: Batch) -> None:
         try:
-            requests = [request for d in deliveries if (request := await self._decode(d)) is not None]
+            now = time.monotonic()
+            # Its caller gave up while it waited for its batch or a slot: nobody to answer.
+            requests = [r for r in batch.requests if r.deadline > now and not r.cancelled]
             if requests:
                 await self._execute(requests)
-        except Exception:  # a bug here must not kill the dispatcher or leak slots
+        except Exception:  # a bug here must not leak slots
             log.exception("internal error while serving a batch")
         finally:
-            # Every request of the batch has its final response sent (or never will): only now
-            # may the inbound forget it.
-            for delivery in deliveries:
-                await delivery.done()
-            # Counted once the request is out of the way (acknowledged, its slot free).
-            self.cancelled += sum(1 for r in requests if r.cancelled)
-            for _ in deliveries:
-                self._slots.release()
-            self._unfinished -= len(deliveries)
-            await self.inbound.capacity_freed()
+            self._executing -= batch.size
+            self._batches.slots_freed()
+            await self._finish(batch.members)
+
+    async def _finish(self, members: list[Admitted]) -> None:
+        """Every request of ``members`` has its final response sent (or never will)."""
+        # Only now may the inbound forget them.
+        for admitted in members:
+            await admitted.delivery.done()
+        # Counted once the request is out of the way (acknowledged, its slot free).
+        self.cancelled += sum(1 for a in members if a.request.cancelled)
+        self._unfinished -= len(members)
+        await self.inbound.capacity_freed()
 
     async def _decode(self, delivery: Delivery) -> Request | None:
         """The request to run, or None when it was answered (or needs no answer) already."""
