@@ -292,7 +292,7 @@ def test_class_defaults_take_only_what_a_deployment_file_can_say() -> None:
         operator_defaults(colour="red")(_Backend)
     assert caught.value.problems == [
         "tests.test_compile:_Backend: @operator_defaults(colour=...): no such operator field (fields: name, version, workers, "
-        "max_inflight_requests, max_queued_requests, max_batch_size, max_request_bytes, parameters, delivery, device, gpus, "
+        "max_inflight_requests, max_queued_requests, max_batch_size, batching, max_request_bytes, parameters, delivery, device, gpus, "
         "resources, log_level, inputs, outputs)"
     ]
     with pytest.raises(ConfigError, match="is for pipeline_runner.Operator subclasses"):
