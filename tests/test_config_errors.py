@@ -63,6 +63,23 @@ def test_workers_written_as_a_word(deployment: WriteDeployment) -> None:
     ]
 
 
+def test_batching_beside_max_batch_size_or_beyond_the_slots(deployment: WriteDeployment) -> None:
+    path = deployment(HEADER + """\
+    max_batch_size: 4
+    batching: {max_batch_size: 8, max_wait_ms: 2}
+  - name: decoder
+    implementation: ops.encoder:Encoder
+    batching: {max_batch_size: 32, max_wait_ms: -1}
+""")
+    assert problems_of(path) == [
+        f"{FILE}:6: operators[0].batching: must not be set together with max_batch_size "
+        "(move it to batching.max_batch_size), got a mapping",
+        f"{FILE}:9: operators[1].batching.max_wait_ms: must be a number from 0 to 60000, got -1",
+        f"{FILE}:9: operators[1].batching.max_batch_size: must be at most max_inflight_requests (16): "
+        "each request of a batch takes one of the worker's slots (raise max_inflight_requests), got 32",
+    ]
+
+
 def test_an_unknown_delivery_mode_lists_the_choices(deployment: WriteDeployment) -> None:
     path = deployment(HEADER + "    delivery:\n      mode: exactly_once\n")
     [problem] = problems_of(path)
