@@ -82,6 +82,9 @@ class BatchFormer:
 
     def add(self, admitted: Admitted) -> None:
         """Queue ``admitted``; it runs in the next batch that has room for it."""
+        if self._at_once and not self._waiting and self._free_slots() > 0:
+            self._start(Batch([admitted], admitted.arrived))  # unbatched and a slot free: no queueing
+            return
         self._waiting.append(admitted)
         self._note_close(admitted)
         if self._at_once or self.max_wait_s > 0:

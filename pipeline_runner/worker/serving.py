@@ -195,7 +195,7 @@ class Worker:
         try:
             now = time.monotonic()
             # Its caller gave up while it waited for its batch or a slot: nobody to answer.
-            requests = [r for r in batch.requests if r.deadline > now and not r.cancelled]
+            requests = [m.request for m in batch.members if m.request.deadline > now and not m.request.cancelled]
             if requests:
                 await self._execute(requests)
         except Exception:  # a bug here must not leak slots
