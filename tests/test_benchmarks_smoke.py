@@ -57,3 +57,23 @@ def test_hop_quick_run_measures_every_row_and_leaves_no_process_behind(tmp_path:
     assert "one hop" in run.stdout  # the table was printed
     assert len(report["pids"]) > 20  # nats-server, raw responders, workers, callers
     assert not [pid for pid in report["pids"] if _alive(pid)]
+
+
+@pytest.mark.slow
+def test_batching_quick_run_measures_every_variant(tmp_path: Path) -> None:
+    out = tmp_path / "batching.json"
+    run = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "batching.py"), "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert set(report["rows"]) == {"off", "wait_1", "wait_5", "wait_10"}
+    for key, by_concurrency in report["rows"].items():
+        assert set(by_concurrency) == {"1", "8"}, key
+        for row in by_concurrency.values():
+            assert row["req_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"], key
+            assert row["cpu_us_per_request"] > 0, key
+    assert report["rows"]["off"]["8"]["mean_batch"] == 1.0  # batching off never batches
+    assert report["rows"]["wait_10"]["8"]["mean_batch"] > 1.0  # 8 in flight within 10 ms do
+    assert "dynamic batching" in run.stdout
