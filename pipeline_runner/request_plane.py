@@ -176,6 +176,11 @@ class RequestPlane:
     def max_payload(self) -> int:
         return self._nc.max_payload
 
+    @property
+    def open_calls(self) -> int:
+        """Requests sent from this connection still waiting for their final response."""
+        return len(self._streams)
+
     async def close(self, timeout_s: float = 2.0) -> None:
         """Drain subscriptions and close the connection (at once when NATS is unreachable)."""
         if self._confirmer is not None:

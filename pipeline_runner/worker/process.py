@@ -69,6 +69,9 @@ def _stats(spec: WorkerSpec, worker: Worker, plane: RequestPlane, data_plane: Da
         "reconnects": plane.nats.stats["reconnects"],
         "resent_requests": plane.resent_requests,
         "republished_responses": plane.republished_responses,
+        # Leak evidence for soak and hostile-client tests: both must return to a baseline.
+        "asyncio_tasks": len(asyncio.all_tasks()),
+        "open_calls": plane.open_calls,
         "device": spec.device,
         "gpu": spec.gpu,
         "cuda_visible_devices": os.environ.get(CUDA_VISIBLE_DEVICES),

@@ -105,6 +105,8 @@ class Worker:
             "cancelled": self.cancelled,
             "redelivered": self.redelivered,
             "unfinished": self._unfinished,
+            "running": len(self._running),
+            "cancelled_early_remembered": len(self._cancelled_early),
             "operator_stats": self.operator.stats(),
         }
 
