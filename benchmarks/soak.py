@@ -350,11 +350,21 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline_runner.config_loader import load_deployment
     from pipeline_runner.deployment import Deployment
 
+    phases: dict[str, float] = {}
+    phase_started = time.monotonic()
+
+    def phase(name: str) -> None:
+        nonlocal phase_started
+        now = time.monotonic()
+        phases[name] = round(now - phase_started, 2)
+        phase_started = now
+
     config = load_deployment(args.deployment)
     deployment = Deployment(
         config, drain_timeout_s=10.0, http_port=0 if config.http is not None else None,
     )  # fmt: skip
     await deployment.start()
+    phase("deploy")
     try:
         assert deployment.nats_url is not None
         connection = await Connection.connect(
@@ -389,13 +399,16 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                     await asyncio.wait_for(asyncio.shield(load), timeout=args.sample_s)
             await load
             cpu_s = cpu.stop()
+            phase("load")
             loaded_series = {k: list(v) for k, v in sampler.series.items()}
             drain_left = await wait_drained(sampler, args.timeout_s + DRAIN_EXTRA_S)
+            phase("drain")
             restarts = {w.name: w.restarts for w in deployment.workers if w.restarts}
         finally:
             await connection.close()
     finally:
         await deployment.stop()
+    phase("stop")
     verdicts = [judge(name, points, args.warmup_s) for name, points in loaded_series.items()]
     summary = tally.summary()
     summary["cpu_ms_per_request"] = round(cpu_s * 1000 / max(tally.ended, 1), 3)
@@ -408,6 +421,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "load": summary,
         "worker_restarts": restarts,
+        "phases_s": phases,
         "verdicts": [asdict(v) for v in verdicts],
         "growing": sorted(v.series for v in verdicts if v.grows),
         "not_drained": drain_left,
