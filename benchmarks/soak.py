@@ -462,7 +462,7 @@ def main() -> int:
     verdicts = [Verdict(**v) for v in report["verdicts"]]
     print_report(Console(width=160), verdicts, report["load"], report["not_drained"])
     if args.json:
-        args.json.write_text(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=1))
+        args.json.write_text(json.dumps({k: v for k, v in report.items() if k not in ("rows", "series")}, indent=1))
     if args.csv:
         write_csv(args.csv, report["rows"])
     if args.png:

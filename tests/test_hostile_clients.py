@@ -79,10 +79,14 @@ async def _leftovers(conn: Connection, deployment: Deployment, baseline_tasks: d
 async def assert_nothing_left_behind(
     conn: Connection, deployment: Deployment, baseline_tasks: dict[str, int], within_s: float
 ) -> None:
-    deadline = time.monotonic() + within_s
-    while left := await _leftovers(conn, deployment, baseline_tasks):
-        assert time.monotonic() < deadline, f"still held after {within_s:g} s: {left}"
+    started = time.monotonic()
+    first = await _leftovers(conn, deployment, baseline_tasks)
+    left = first
+    while left:
+        assert time.monotonic() < started + within_s, f"still held after {within_s:g} s: {left}"
         await asyncio.sleep(0.5)
+        left = await _leftovers(conn, deployment, baseline_tasks)
+    print(f"\nclean after {time.monotonic() - started:.1f} s; held when the hostile caller was done: {first}")
 
 
 async def idle_task_counts(conn: Connection, deployment: Deployment) -> dict[str, int]:
@@ -271,12 +275,17 @@ async def test_a_caller_killed_with_requests_in_flight_leaves_nothing_behind() -
                 os.kill(doomed.pid, signal.SIGKILL)
                 await doomed.wait()
                 kills += 1
+                stats = await conn.worker_stats(expected=len(deployment.workers), timeout_s=3.0)
+                held.append(sum(s["data_plane"]["stored_tensors"] for s in stats))
+
+        held: list[int] = []
 
         hostile = asyncio.ensure_future(kill_callers())
         result = await well_behaved(conn, 100, until=hostile)
         await hostile
         assert kills == 3
         assert_all_correct(result)
+        print(f"\ntensors held in the workers' stores just after each kill: {held}")
         # Its requests ran to their deadline (10 s) at most; tensors published for it expire
         # with their leases.
         await assert_nothing_left_behind(conn, deployment, baseline, within_s=10.0 + LEASE_GRACE_S + 10)
@@ -293,6 +302,9 @@ async def test_a_caller_with_a_deadline_shorter_than_one_hop_times_out_and_is_ca
         baseline = await idle_task_counts(conn, deployment)
         assert deployment.nats_url is not None
         hasty = await Connection.connect(deployment.nats_url, config.name, data_plane=config.data_plane)
+        # Started now: a call's deadline does not cover the data plane's first start (UCX's
+        # import), which the first large input of a process waits for.
+        await hasty.data_plane.start()
         timeout_s = 0.05
         late_by: list[float] = []
         answered = 0
@@ -319,7 +331,7 @@ async def test_a_caller_with_a_deadline_shorter_than_one_hop_times_out_and_is_ca
             assert (answered, len(late_by)) == (0, 200)
             # The caller's timeout fires at its deadline, not at the end of the hop (0.3 s on);
             # the bound leaves room for a busy machine.
-            assert max(late_by) < 1.0, max(late_by)
+            assert max(late_by) < 1.0, sorted(late_by)[-10:]
             assert hasty.plane.open_calls == 0 and len(hasty.data_plane.store) == 0
         finally:
             await hasty.close()
