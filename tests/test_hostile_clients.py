@@ -118,6 +118,13 @@ def assert_all_correct(result: LoadTestResult) -> None:
     assert (result.ok, result.failed, result.timed_out) == (result.requests, 0, 0), result.errors
 
 
+def report(conn: Connection, result: LoadTestResult, hostile: str) -> None:
+    """Every well-behaved request was answered once: none lost, none answered twice."""
+    assert conn.plane.late_responses == 0  # a second answer to a request would land here
+    print(f"\nfigures: well-behaved {result.requests} requests, {result.ok} correct, lost 0, "
+          f"duplicated {conn.plane.late_responses}; hostile: {hostile}")
+
+
 # --- a caller on a raw socket that stops reading it ------------------------------------------
 
 
@@ -211,20 +218,32 @@ async def test_a_caller_that_stops_reading_its_socket_is_cut_off_and_everyone_el
             except OSError:
                 pass  # cut off already, while still sending
 
-        hostile = asyncio.ensure_future(asyncio.to_thread(misbehave))
-        result = await well_behaved(conn, 200, until=hostile)
+        def slow_consumer_lines() -> list[str]:
+            return [line for line in strict_nats.log_file.read_text().splitlines() if "Slow Consumer" in line]
+
+        async def misbehave_until_cut_off() -> None:
+            await asyncio.to_thread(misbehave)
+            deadline = time.monotonic() + 30.0
+            while not slow_consumer_lines() and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+
+        hostile = asyncio.ensure_future(misbehave_until_cut_off())
+        result = await well_behaved(conn, 100, until=hostile)
         await hostile
         assert_all_correct(result)
         assert paused.sent >= 100
         # The server gave up on it (slow consumer) instead of buffering for it without bound.
         assert await asyncio.to_thread(paused.closed_by_server, 30.0), "nats-server kept the paused caller"
         paused.close()
-        cut_off = [line for line in strict_nats.log_file.read_text().splitlines() if "Slow Consumer" in line]
+        cut_off = slow_consumer_lines()
         assert cut_off and all("paused-caller" in line for line in cut_off), cut_off
         stats = await conn.worker_stats(expected=len(deployment.workers), timeout_s=5.0)
         assert sum(s["reconnects"] for s in stats) == 0  # no worker lost its connection
         await assert_nothing_left_behind(conn, deployment, baseline, within_s=timeout_s + LEASE_GRACE_S + 10)
-        assert_all_correct(await well_behaved(conn, 100))
+        after = await well_behaved(conn, 100)
+        assert_all_correct(after)
+        report(conn, result, f"{paused.sent} requests from a caller that never read its socket, cut off "
+               f"by nats-server ({len(cut_off)} slow-consumer lines); then {after.requests} more, correct")
         assert sum(w.restarts for w in deployment.workers) == 0
 
 
@@ -289,7 +308,10 @@ async def test_a_caller_killed_with_requests_in_flight_leaves_nothing_behind() -
         # Its requests ran to their deadline (10 s) at most; tensors published for it expire
         # with their leases.
         await assert_nothing_left_behind(conn, deployment, baseline, within_s=10.0 + LEASE_GRACE_S + 10)
-        assert_all_correct(await well_behaved(conn, 100))
+        after = await well_behaved(conn, 100)
+        assert_all_correct(after)
+        report(conn, result, f"{kills} callers SIGKILLed with 48 requests in flight each; "
+               f"then {after.requests} more, correct")
         assert sum(w.restarts for w in deployment.workers) == 0
 
 
@@ -342,4 +364,8 @@ async def test_a_caller_with_a_deadline_shorter_than_one_hop_times_out_and_is_ca
         # Cancels go to every worker of an operator; the ones that never held the request
         # remember its id, up to a bound.
         assert all(s["cancelled_early_remembered"] <= 10_000 for s in stats)
-        assert_all_correct(await well_behaved(conn, 100))
+        after = await well_behaved(conn, 100)
+        assert_all_correct(after)
+        report(conn, result, f"{len(late_by)} requests with a 50 ms deadline for a 300 ms hop, all timed "
+               f"out (latest {max(late_by) * 1000:.0f} ms past the deadline), "
+               f"{sum(s['cancelled'] for s in stats)} cancelled in workers; then {after.requests} more, correct")
