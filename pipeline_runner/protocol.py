@@ -9,7 +9,6 @@ variable-length bytes/strings use a length-prefixed layout.
 from __future__ import annotations
 
 import json
-import math
 import struct
 from functools import lru_cache
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
@@ -51,24 +50,37 @@ class _TensorFields(_Wire, frozen=True):
     def __post_init__(self) -> None:
         # nbytes decides what a receiver allocates before any byte arrives: it must be what the
         # dtype and shape take (variable-length elements: at least their length prefixes).
-        if type(self.shape) is not tuple:
-            msgspec.structs.force_setattr(self, "shape", tuple(self.shape))
-        if self.nbytes < 0 or any(dim < 0 for dim in self.shape):
-            raise InvalidTensorError(f"tensor {self.name!r}: negative size (shape {list(self.shape)}, nbytes {self.nbytes})")
-        count = math.prod(self.shape)
-        if self.dtype in (BYTES_DTYPE, STRING_DTYPE):
-            if self.nbytes < count * _LEN.size:
+        shape = self.shape
+        if type(shape) is not tuple:
+            shape = tuple(shape)
+            msgspec.structs.force_setattr(self, "shape", shape)
+        count = 1
+        for dim in shape:
+            if dim < 0:
+                raise InvalidTensorError(f"tensor {self.name!r}: negative dimension in shape {list(shape)}")
+            count *= dim
+        dtype, nbytes = self.dtype, self.nbytes
+        if dtype == BYTES_DTYPE or dtype == STRING_DTYPE:
+            if nbytes < count * _LEN.size:
                 raise InvalidTensorError(
-                    f"tensor {self.name!r}: {self.nbytes} bytes cannot hold {count} {self.dtype} "
+                    f"tensor {self.name!r}: {nbytes} bytes cannot hold {count} {dtype} "
                     f"elements (each needs at least {_LEN.size})"
                 )
             return
-        expected = count * wire_dtype(self.name, self.dtype).itemsize
-        if self.nbytes != expected:
+        itemsize = _ITEMSIZES.get(dtype)
+        if itemsize is None:
+            itemsize = wire_dtype(self.name, dtype).itemsize
+            if len(_ITEMSIZES) < 256:
+                _ITEMSIZES[dtype] = itemsize
+        if nbytes != count * itemsize:
             raise InvalidTensorError(
-                f"tensor {self.name!r}: nbytes {self.nbytes} does not match dtype {self.dtype} and "
-                f"shape {list(self.shape)} ({expected} bytes)"
+                f"tensor {self.name!r}: nbytes {nbytes} does not match dtype {dtype} and "
+                f"shape {list(shape)} ({count * itemsize} bytes)"
             )
+
+
+# Item size of each fixed-width wire dtype seen (only allowed ones are stored).
+_ITEMSIZES: dict[str, int] = {}
 
 
 class InlineTensor(_TensorFields, frozen=True, tag_field="kind", tag="inline"):
