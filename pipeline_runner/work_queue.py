@@ -196,6 +196,23 @@ def puback_refusal(data: bytes, subject: str) -> ErrorInfo | None:
     return ErrorInfo(code="not_accepted", message=f"the work queue of {subject} refused the request: {description}")
 
 
+def delivery_metadata(msg: Msg) -> tuple[int, int]:
+    """How many times JetStream delivered ``msg``, and when it stored it (ns since the epoch).
+
+    Read straight from the ack subject (``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.
+    <consumer seq>.<ns>.<pending>``, or with domain and account hash after ``ACK`` and a token
+    at the end): nats-py's ``Msg.metadata`` builds dataclasses and a datetime for the same two
+    numbers, 30 µs a message. Anything else is left to nats-py.
+    """
+    tokens = msg.reply.split(".")
+    first = 4 if len(tokens) == 9 else 6
+    try:
+        return int(tokens[first]), int(tokens[first + 3])
+    except (IndexError, ValueError):
+        metadata = msg.metadata
+        return metadata.num_delivered, int(metadata.timestamp.timestamp() * 1e9)
+
+
 class WorkQueueConsumer(Inbound):
     """Pulls requests for one worker, as many as it has capacity for, and keeps them alive.
 
@@ -325,11 +342,11 @@ class WorkQueueConsumer(Inbound):
         await self._pull()
 
     def _delivery(self, msg: Msg) -> Delivery:
-        metadata = msg.metadata
+        delivered, stored_ns = delivery_metadata(msg)
         # A caller's resends count as attempts too, like JetStream's own redeliveries.
-        attempt = metadata.num_delivered + resend_count(msg.headers)
+        attempt = delivered + resend_count(msg.headers)
         # The deadline counts from when the caller sent it, however long it waited here.
-        sent_at = time.monotonic() - (time.time() - metadata.timestamp.timestamp())
+        sent_at = time.monotonic() - (time.time_ns() - stored_ns) / 1e9
         # msg.reply is JetStream's ack subject: the caller's reply subject is in the header.
         return Delivery(msg.data, None, attempt, sent_at, self._settle, msg)
 
