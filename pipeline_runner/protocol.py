@@ -34,7 +34,7 @@ class InvalidTensorError(ProtocolError, ValueError):
 
 
 # The headers are msgspec Structs rather than pydantic models: they are built, encoded and
-# decoded four times per call, and msgspec does it in an eighth of the CPU (RESULTS.md, "Hop").
+# decoded four times per call, and msgspec does it in a fifth of pydantic's CPU (RESULTS.md, "Hop").
 # Decoding validates types and the Meta constraints; __post_init__ (run when a header is built
 # and when one is decoded) checks what a type cannot say.
 class _Wire(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

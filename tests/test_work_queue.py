@@ -20,10 +20,10 @@ STORED_NS = 1764770000123456789
 )
 def test_the_delivery_count_and_store_time_match_nats_py_metadata(reply: str) -> None:
     msg = Msg(None, subject="s", reply=reply, data=b"")  # type: ignore[arg-type]
-    delivered, stored_ns = delivery_metadata(msg)
-    assert delivered == msg.metadata.num_delivered == 3
-    assert stored_ns == STORED_NS
-    assert abs(stored_ns / 1e9 - msg.metadata.timestamp.timestamp()) < 1e-6
+    metadata = delivery_metadata(msg)
+    assert metadata.delivered == msg.metadata.num_delivered == 3
+    assert metadata.stored_ns == STORED_NS
+    assert abs(metadata.stored_ns / 1e9 - msg.metadata.timestamp.timestamp()) < 1e-6
 
 
 def test_a_subject_it_does_not_know_is_left_to_nats_py() -> None:
