@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from .config import DeploymentConfig
 
 EXIT_CONFIG = 2
+# runner client redraws its progress bar this often (rich defaults to 10 a second).
+_PROGRESS_REDRAWS_PER_S = 4
 console = Console(stderr=True)
 
 
@@ -518,25 +520,38 @@ async def _client(args: argparse.Namespace) -> int:
             TimeElapsedColumn(),
             console=console,
             transient=False,
+            refresh_per_second=_PROGRESS_REDRAWS_PER_S,
         ) as progress:
             task = progress.add_task("requests", total=args.requests, errors=0)
-            errors = 0
+            done, errors = 0, 0
 
             def on_done(ok: bool) -> None:
-                nonlocal errors
+                # Counted here, shown by show_progress: rich's update per request (a lock and a
+                # speed sample) cost the client more than its own load loop.
+                nonlocal done, errors
+                done += 1
                 errors += not ok
-                progress.update(task, advance=1, errors=errors)
 
-            result = await run_load_test(
-                operator,
-                requests=args.requests,
-                concurrency=args.concurrency,
-                inputs=inputs,
-                parameters=parameters,
-                timeout_s=args.timeout,
-                check=not args.no_check,
-                on_done=on_done,
-            )
+            async def show_progress() -> None:
+                while True:
+                    progress.update(task, completed=done, errors=errors)
+                    await asyncio.sleep(1 / _PROGRESS_REDRAWS_PER_S)
+
+            shower = asyncio.create_task(show_progress())
+            try:
+                result = await run_load_test(
+                    operator,
+                    requests=args.requests,
+                    concurrency=args.concurrency,
+                    inputs=inputs,
+                    parameters=parameters,
+                    timeout_s=args.timeout,
+                    check=not args.no_check,
+                    on_done=on_done,
+                )
+            finally:
+                shower.cancel()
+                progress.update(task, completed=done, errors=errors)
     finally:
         await connection.close()
     _print_result(result)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import secrets
@@ -72,7 +73,11 @@ class RequestPlane:
 
     def __init__(self, nc: NATS):
         self._nc = nc
-        self._inbox_prefix = f"_INBOX.{secrets.token_hex(8)}"
+        # Request ids: unique across callers (cancels go to every worker of an operator), so a
+        # random prefix per connection, then a counter (no random bytes per request).
+        self._id_prefix = secrets.token_hex(8)
+        self._ids = itertools.count(1)
+        self._inbox_prefix = f"_INBOX.{self._id_prefix}"
         self._inbox_sub: Subscription | None = None
         self._streams: dict[str, ResponseStream] = {}
         #: Responses that arrived after their request had ended (e.g. a second final answer
@@ -208,7 +213,7 @@ class RequestPlane:
 
     def open_stream(self, timeout_s: float) -> ResponseStream:
         """A stream for one request's responses, with a fresh id and reply subject."""
-        request_id = secrets.token_hex(12)
+        request_id = f"{self._id_prefix}{next(self._ids):x}"
         stream = ResponseStream(self, request_id, f"{self._inbox_prefix}.{request_id}", timeout_s)
         self._streams[request_id] = stream
         return stream
@@ -355,7 +360,12 @@ class ResponseStream:
         self.reply_to = reply_to
         self.timeout_s = timeout_s
         self.deadline = time.monotonic() + timeout_s
-        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        # Messages arrive from the subscription's callback; the one reader waits on a future
+        # woken by the next message or by the deadline's timer (one timer per request, rather
+        # than a Queue.get task and a timer per message under asyncio.wait_for).
+        self._arrived: deque[Msg] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._subject = ""
         self._payload = b""
         self._done = False
@@ -369,7 +379,33 @@ class ResponseStream:
         return max(0.0, self.deadline - time.monotonic())
 
     def _deliver(self, msg: Msg) -> None:
-        self._queue.put_nowait(msg)
+        self._arrived.append(msg)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._wake()
+
+    async def _next(self) -> Msg:
+        """The next message to this request; TimeoutError once the deadline has passed."""
+        while not self._arrived:
+            left = self.time_left()
+            if left <= 0:
+                raise TimeoutError
+            loop = asyncio.get_running_loop()
+            if self._timer is None:  # armed once per request (again only if it fired early)
+                self._timer = loop.call_later(left, self._on_timer)
+            self._waiter = loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._arrived.popleft()
 
     async def send(self, subject: str, payload: bytes) -> None:
         """Publish the request, whose size the caller checked (see ``tensor.check_payload``);
@@ -396,6 +432,9 @@ class ResponseStream:
 
     def close(self) -> None:
         self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._plane._forget(self.request_id)
 
     async def __aenter__(self) -> ResponseStream:
@@ -414,11 +453,8 @@ class ResponseStream:
         nobody_serves = False
         try:
             while not self._done:
-                left = self.time_left()
                 try:
-                    if left <= 0:
-                        raise TimeoutError
-                    msg = await asyncio.wait_for(self._queue.get(), timeout=left)
+                    msg = await self._next()
                 except TimeoutError:
                     raise RequestTimeoutError(self._timeout_message(nobody_serves)) from None
                 if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:

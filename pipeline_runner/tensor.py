@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
 
+import msgspec
 import numpy as np
 
 from .context import current_context
@@ -148,7 +149,7 @@ async def encode_tensors(
     for name, value in tensors.items():
         if isinstance(value, Tensor):
             if value.descriptor is not None:
-                encoded.forwarded.append(value.descriptor.model_copy(update={"name": name}))
+                encoded.forwarded.append(msgspec.structs.replace(value.descriptor, name=name))
                 continue
             value = value._array
         if data_plane is not None and data_plane.should_publish(value):
