@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 from .config import DataPlaneConfig
-from .context import current_context
+from .context import ServingContext, current_context
 from .data_plane.plane import DataPlane
 from .errors import OperatorError, RequestTimeoutError, RunnerError
 from .nats_security import NatsClientOptions
@@ -95,19 +95,32 @@ class RemoteOperator:
             )
         return connection
 
-    async def call(
+    def call(
         self,
         inputs: Mapping[str, TensorLike] | None = None,
         *,
         parameters: Mapping[str, Any] | None = None,
         timeout_s: float | None = None,
-    ) -> AsyncIterator[Response]:
+    ) -> AsyncGenerator[Response, None]:
         """Send a request and yield its responses; the last one yielded is final.
 
         Raises :class:`OperatorError` when the operator answers with an error and
-        :class:`RequestTimeoutError` when no final response arrives in time.
+        :class:`RequestTimeoutError` when no final response arrives in time. Inside a worker
+        a call left open when the request being served ends is closed (and cancelled) then.
         """
         context = current_context()
+        call = self._call(context, inputs, parameters, timeout_s)
+        if context.calls is not None:
+            context.calls.track(call)
+        return call
+
+    async def _call(
+        self,
+        context: ServingContext,
+        inputs: Mapping[str, TensorLike] | None,
+        parameters: Mapping[str, Any] | None,
+        timeout_s: float | None,
+    ) -> AsyncGenerator[Response, None]:
         connection = self.connection
         plane, data_plane = connection.plane, connection.data_plane
         subject = operator_subject(connection.deployment, self.name, self.version)

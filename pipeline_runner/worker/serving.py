@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..capacity import default_max_request_bytes
 from ..config import OperatorConfig
-from ..context import ServingContext, reset_context, set_context
+from ..context import OpenCalls, ServingContext, reset_context, set_context
 from ..errors import BadInputError, OperatorError, ProtocolError
 from ..inbound import Delivery, Inbound
 from ..operator import Operator, Request
@@ -218,8 +218,8 @@ class Worker:
     # --- running ----------------------------------------------------------------------------
 
     async def _execute(self, requests: list[Request]) -> None:
-        scope = TensorScope()
-        token = set_context(ServingContext(self.connection, max(r.deadline for r in requests), scope))
+        scope, calls = TensorScope(), OpenCalls()
+        token = set_context(ServingContext(self.connection, max(r.deadline for r in requests), scope, calls))
         task = asyncio.current_task()
         assert task is not None
         for request in requests:
@@ -233,6 +233,7 @@ class Worker:
         finally:
             for request in requests:
                 self._running.pop(request.id, None)
+            await calls.close_all()
             reset_context(token)
             if self.data_plane is not None:
                 self.data_plane.release(scope.to_release())
