@@ -98,6 +98,9 @@ class RequestHeader(_Wire):
     trace_context: dict[str, str] | None = Field(
         None, description="W3C trace context (traceparent, tracestate) of the caller's span, when tracing is on."
     )
+    sent_at: float | None = Field(
+        None, description="Caller's wall-clock time.time() at sending, when tracing is on (start of the queue-wait span)."
+    )
 
 
 class ResponseHeader(_Wire):
