@@ -14,6 +14,8 @@ Rows (each at every ``--concurrency``, 1024 int32 per request like ``runner clie
   ``hello_world_uvloop``: the same file with every worker and the caller on uvloop (through a
   ``sitecustomize`` on PYTHONPATH); workers run on uvloop by default, so ``hello_world_asyncio``
   puts them on asyncio's own loop (``PIPELINE_RUNNER_EVENT_LOOP=asyncio``) for comparison;
+* ``hello_world_traced``: the same with tracing on in every worker and the caller (each span
+  appended to a JSON-lines file; on request, ``--rows``), beside ``hello_world`` (tracing off);
 * ``runner_client``: ``runner client`` (a subprocess on a pseudo-terminal, as a user runs it:
   answer checks and progress bar) against hello_world; on request (``--rows``) also
   ``runner_client_no_check`` (``--no-check``), ``runner_client_no_tty`` (output to a pipe,
@@ -380,6 +382,8 @@ def ratios(results: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]
     add("hello_world req/s / raw JetStream chain req/s", "hello_world", "raw_js_chain", "req_per_s", "")
     add("hello_world CPU / raw JetStream chain CPU", "hello_world", "raw_js_chain", "cpu_us_per_request", "")
     add("hello_world CPU / raw 3-hop chain CPU", "hello_world", "raw_chain", "cpu_us_per_request", "cut 3x")
+    add("hello_world CPU, tracing on / off", "hello_world_traced", "hello_world", "cpu_us_per_request", "")
+    add("hello_world req/s, tracing on / off", "hello_world_traced", "hello_world", "req_per_s", "")
     add("runner client caller CPU / raw chain caller CPU", "runner_client", "raw_chain", "caller_cpu_us_per_request", "<= 1.5")
     return out
 
@@ -415,12 +419,15 @@ ALL_ROWS = {
     "hello_world_amo": "hello_world_python via library, at_most_once",
     "hello_world_uvloop": "hello_world_python via library, uvloop everywhere",
     "hello_world_asyncio": "hello_world_python via library, workers on asyncio's own loop",
+    "hello_world_traced": "hello_world_python via library, tracing on (every span to a file)",
     "runner_client": "runner client -> hello_world_python",
     "runner_client_asyncio": "runner client on asyncio's own loop -> hello_world_python",
     "runner_client_no_check": "runner client --no-check",
     "runner_client_no_tty": "runner client, output to a pipe (no progress bar)",
 }
-DEFAULT_ROWS = [k for k in ALL_ROWS if k not in ("runner_client_no_check", "runner_client_no_tty", "runner_client_asyncio")]
+DEFAULT_ROWS = [k for k in ALL_ROWS if k not in (
+    "runner_client_no_check", "runner_client_no_tty", "runner_client_asyncio", "hello_world_traced",
+)]  # fmt: skip
 
 
 async def setup(args: argparse.Namespace, keys: list[str], procs: Processes, workdir: Path, stack: contextlib.AsyncExitStack) -> tuple[str, list[Row]]:
@@ -503,6 +510,11 @@ async def setup(args: argparse.Namespace, keys: list[str], procs: Processes, wor
             await library(
                 key, hello_world_variant(hw_base, "hw_asyncio", None), "encoder_decoder",
                 env={"PIPELINE_RUNNER_EVENT_LOOP": "asyncio"},
+            )  # fmt: skip
+        elif key == "hello_world_traced":
+            await library(
+                key, hello_world_variant(hw_base, "hw_traced", None), "encoder_decoder",
+                env={"PIPELINE_RUNNER_TRACE_FILE": str(workdir / "spans.jsonl")},
             )  # fmt: skip
         elif key.startswith("runner_client"):
             rows.append(Row(key, ALL_ROWS[key], None, {**base_roles, **deployment_roles(hw)}))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -24,7 +27,7 @@ from pipeline_runner.tracing.breakdown import hop_timings
 from pipeline_runner.tracing.file_exporter import read_spans
 from pipeline_runner.tracing.settings import TracingSettings, resolve_tracing
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, connected, make_config, op, running
 
 RUNNER = [sys.executable, "-m", "pipeline_runner.cli"]
 HELLO_WORLD = REPO_ROOT / "deployments" / "hello_world.yaml"  # Triton encoder and decoder
@@ -189,3 +192,55 @@ def test_one_trace_follows_each_request_through_every_hop_and_the_client_shows_t
     (call,) = _children(http, ingress)
     assert call["name"] == "call encoder_decoder"
     _assert_hop(http, call, "encoder_decoder")
+
+
+# --- OTLP: spans reach a collector over OTLP/HTTP ----------------------------------------------
+
+
+class _Collector(http.server.BaseHTTPRequestHandler):
+    """The trace endpoint of an OTLP/HTTP collector: decodes each export, keeps its spans."""
+
+    spans: list[tuple[str, str, str, str]] = []  # (service, name, trace id, parent span id)
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        export = ExportTraceServiceRequest.FromString(self.rfile.read(int(self.headers["Content-Length"])))
+        for resource_spans in export.resource_spans:
+            service = next(a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name")
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    _Collector.spans.append((service, span.name, span.trace_id.hex(), span.parent_span_id.hex()))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+async def test_workers_export_their_spans_to_an_otlp_collector(nats_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Collector.spans = []
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    config = make_config(op("relay", "http_ops:Relay", parameters={"next": "answer"}), op("answer", "http_ops:Answer"))
+    try:
+        async with running(config, nats_url) as deployment, connected(deployment) as conn:
+            response = await conn.operator("relay").infer(parameters={"text": "hi"})
+            assert response.parameters["text"] == "HI"
+            deadline = time.monotonic() + 10
+            while len({s[0] for s in _Collector.spans}) < 2:
+                assert time.monotonic() < deadline, f"spans collected: {_Collector.spans}"
+                await asyncio.sleep(0.1)
+    finally:
+        server.shutdown()
+    by_name = {name: (service, trace, parent) for service, name, trace, parent in _Collector.spans}
+    # The test's own call is not traced, so the trace starts at the relay's execute.
+    assert by_name["execute relay"][0] == "test.relay" and by_name["execute relay"][2] == ""
+    assert by_name["call answer"][:2] == ("test.relay", by_name["execute relay"][1])
+    assert by_name["execute answer"][:2] == ("test.answer", by_name["execute relay"][1])
+    assert by_name["queue answer"][:2] == ("test.answer", by_name["execute relay"][1])
