@@ -32,13 +32,18 @@ class OpenCalls:
     __slots__ = ("_calls",)
 
     def __init__(self) -> None:
-        self._calls: weakref.WeakSet[AsyncGenerator[object, None]] = weakref.WeakSet()
+        # Made on the first call: most requests of a leaf operator make none.
+        self._calls: weakref.WeakSet[AsyncGenerator[object, None]] | None = None
 
     def track(self, call: AsyncGenerator[object, None]) -> None:
+        if self._calls is None:
+            self._calls = weakref.WeakSet()
         self._calls.add(call)
 
     async def close_all(self) -> None:
         """Close every call still open: each cancels its request downstream."""
+        if not self._calls:
+            return
         for call in list(self._calls):
             # A call another task is still iterating ("already running") ends with that task.
             with contextlib.suppress(Exception):

@@ -203,7 +203,9 @@ class _Collector(http.server.BaseHTTPRequestHandler):
     spans: list[tuple[str, str, str, str]] = []  # (service, name, trace id, parent span id)
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
 
         export = ExportTraceServiceRequest.FromString(self.rfile.read(int(self.headers["Content-Length"])))
         for resource_spans in export.resource_spans:

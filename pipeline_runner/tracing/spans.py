@@ -37,7 +37,7 @@ class RequestTrace:
 class CallSpan:
     """The caller's span of one RemoteOperator call; its context travels in the request header."""
 
-    __slots__ = ("span", "carrier")
+    __slots__ = ("carrier", "span")
 
     def __init__(self, operator: str, version: int, request_id: str):
         self.span = _tracer.start_span(f"call {operator}", kind=SpanKind.CLIENT, attributes={
@@ -58,7 +58,7 @@ class CallSpan:
 class ExecuteSpans:
     """The queue-wait and execute spans of a batch; the execute span is current while it runs."""
 
-    __slots__ = ("spans", "_current", "_token")
+    __slots__ = ("_current", "_token", "spans")
 
     def __init__(self, traces: Sequence[tuple[str, RequestTrace | None]], operator: str, worker: str):
         now_ns = time.time_ns()

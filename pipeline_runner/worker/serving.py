@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
     from ..data_plane.plane import DataPlane
     from ..remote import Connection
+    from ..tracing.spans import ExecuteSpans
 
 log = logging.getLogger("pipeline_runner.worker")
 
@@ -230,7 +231,7 @@ class Worker:
         assert task is not None
         for request in requests:
             self._running[request.id] = (request, task)
-        spans = None
+        spans: ExecuteSpans | None = None
         if tracing.active():
             from ..tracing.spans import ExecuteSpans
 
