@@ -7,8 +7,8 @@ import time
 from collections.abc import AsyncGenerator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .config import DataPlaneConfig
 from . import tracing
+from .config import DataPlaneConfig
 from .context import ServingContext, current_context
 from .data_plane.plane import DataPlane
 from .errors import OperatorError, RequestTimeoutError, RunnerError

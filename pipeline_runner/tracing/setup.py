@@ -50,18 +50,16 @@ def _exporter(settings: TracingSettings) -> SpanExporter:
 
 def _otlp_exporter() -> Any:
     protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+    # Endpoint, headers and TLS come from the standard OTEL_EXPORTER_OTLP_* variables.
     try:
         if (protocol or "http/protobuf").strip() == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-                OTLPSpanExporter,
-            )
-        else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-                OTLPSpanExporter,
-            )
+            from opentelemetry.exporter.otlp.proto.grpc import trace_exporter as grpc_exporter
+
+            return grpc_exporter.OTLPSpanExporter()
+        from opentelemetry.exporter.otlp.proto.http import trace_exporter as http_exporter
+
+        return http_exporter.OTLPSpanExporter()
     except ImportError:
         raise RunnerError(
             "tracing exporter 'otlp' needs the OTLP exporter: pip install 'pipeline_runner[otlp]'"
         ) from None
-    # Endpoint, headers and TLS come from the standard OTEL_EXPORTER_OTLP_* variables.
-    return OTLPSpanExporter()

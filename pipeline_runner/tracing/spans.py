@@ -65,7 +65,7 @@ class ExecuteSpans:
         self.spans: list[Span] = []
         for request_id, request_trace in traces:
             parent = propagate.extract(request_trace.carrier) if request_trace is not None else None
-            attributes = {"pipeline_runner.operator": operator, "pipeline_runner.worker": worker,
+            attributes: dict[str, str | int] = {"pipeline_runner.operator": operator, "pipeline_runner.worker": worker,
                           "pipeline_runner.request_id": request_id, "pipeline_runner.batch_size": len(traces)}
             if request_trace is not None and request_trace.sent_at is not None:
                 # Clocks of different hosts may disagree: never start after the end.

@@ -16,8 +16,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..capacity import default_max_request_bytes
 from .. import tracing
+from ..capacity import default_max_request_bytes
 from ..config import OperatorConfig
 from ..context import OpenCalls, ServingContext, reset_context, set_context
 from ..errors import BadInputError, OperatorError, ProtocolError
