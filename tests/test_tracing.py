@@ -68,6 +68,21 @@ def test_the_sample_ratio_is_a_fraction() -> None:
         TracingConfig(sample_ratio=1.5)
 
 
+def test_client_trace_without_a_deployment_that_records_traces_says_how_to_turn_them_on(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from pipeline_runner.cli import _client_tracing
+
+    for name in ("OTEL_TRACES_EXPORTER", "PIPELINE_RUNNER_TRACE_FILE", "OTEL_SDK_DISABLED"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RunnerError, match="deployment 'hello_world' records no traces here.*PIPELINE_RUNNER_TRACE_FILE"):
+        _client_tracing(None, "hello_world", asked=True)
+    assert _client_tracing(None, "hello_world", asked=False) is None
+    assert _client_tracing(str(tmp_path / "s.jsonl"), "hello_world", asked=True) == TracingSettings(
+        "file", tmp_path / "s.jsonl"
+    )
+
+
 # --- the breakdown of one trace --------------------------------------------------------------
 
 
