@@ -16,6 +16,9 @@ Rows (each at every ``--concurrency``, 1024 int32 per request like ``runner clie
   puts them on asyncio's own loop (``PIPELINE_RUNNER_EVENT_LOOP=asyncio``) for comparison;
 * ``echo_baseline``, ``hello_world_baseline`` (with ``--baseline PATH``): the same two on the
   code of another checkout (``PYTHONPATH``), for before/after in one run;
+* ``hello_world_traced``: the same with tracing on in every worker and the caller (each span
+  appended to a JSON-lines file; on request, ``--rows``), beside ``hello_world`` (tracing off);
+  ``hello_world_sampled``: the same recording 1 trace in 10 (``OTEL_TRACES_SAMPLER``);
 * ``runner_client``: ``runner client`` (a subprocess on a pseudo-terminal, as a user runs it:
   answer checks and progress bar) against hello_world; on request (``--rows``) also
   ``runner_client_no_check`` (``--no-check``), ``runner_client_no_tty`` (output to a pipe,
@@ -386,6 +389,9 @@ def ratios(results: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]
     add("echo CPU / --baseline echo CPU", "echo", "echo_baseline", "cpu_us_per_request", "")
     add("hello_world CPU / --baseline hello_world CPU", "hello_world", "hello_world_baseline", "cpu_us_per_request", "")
     add("hello_world req/s / --baseline hello_world req/s", "hello_world", "hello_world_baseline", "req_per_s", "")
+    add("hello_world CPU, tracing on / off", "hello_world_traced", "hello_world", "cpu_us_per_request", "")
+    add("hello_world CPU, 1 trace in 10 / off", "hello_world_sampled", "hello_world", "cpu_us_per_request", "")
+    add("hello_world req/s, tracing on / off", "hello_world_traced", "hello_world", "req_per_s", "")
     add("runner client caller CPU / raw chain caller CPU", "runner_client", "raw_chain", "caller_cpu_us_per_request", "<= 1.5")
     return out
 
@@ -423,6 +429,8 @@ ALL_ROWS = {
     "hello_world_asyncio": "hello_world_python via library, workers on asyncio's own loop",
     "echo_baseline": "runner echo operator, --baseline code",
     "hello_world_baseline": "hello_world_python via library, --baseline code",
+    "hello_world_traced": "hello_world_python via library, tracing on (every span to a file)",
+    "hello_world_sampled": "hello_world_python via library, tracing on, 1 trace in 10 recorded",
     "runner_client": "runner client -> hello_world_python",
     "runner_client_asyncio": "runner client on asyncio's own loop -> hello_world_python",
     "runner_client_no_check": "runner client --no-check",
@@ -431,7 +439,8 @@ ALL_ROWS = {
 BASELINE_ROWS = ("echo_baseline", "hello_world_baseline")
 DEFAULT_ROWS = [
     k for k in ALL_ROWS
-    if k not in ("runner_client_no_check", "runner_client_no_tty", "runner_client_asyncio", *BASELINE_ROWS)
+    if k not in ("runner_client_no_check", "runner_client_no_tty", "runner_client_asyncio",
+                 "hello_world_traced", "hello_world_sampled", *BASELINE_ROWS)
 ]  # fmt: skip
 
 
@@ -528,6 +537,17 @@ async def setup(args: argparse.Namespace, keys: list[str], procs: Processes, wor
             await library(
                 key, hello_world_variant(hw_base, "hw_asyncio", None), "encoder_decoder",
                 env={"PIPELINE_RUNNER_EVENT_LOOP": "asyncio"},
+            )  # fmt: skip
+        elif key == "hello_world_traced":
+            await library(
+                key, hello_world_variant(hw_base, "hw_traced", None), "encoder_decoder",
+                env={"PIPELINE_RUNNER_TRACE_FILE": str(workdir / "spans.jsonl")},
+            )  # fmt: skip
+        elif key == "hello_world_sampled":
+            await library(
+                key, hello_world_variant(hw_base, "hw_sampled", None), "encoder_decoder",
+                env={"PIPELINE_RUNNER_TRACE_FILE": str(workdir / "sampled.jsonl"),
+                     "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
             )  # fmt: skip
         elif key.startswith("runner_client"):
             rows.append(Row(key, ALL_ROWS[key], None, {**base_roles, **deployment_roles(hw)}))

@@ -114,7 +114,8 @@ class RequestHeader(_Wire, frozen=True):
     """Everything about a request except the tensor bytes.
 
     ``timeout_s``: time left for the request when it was sent; ``trace_context``: W3C trace
-    context (traceparent, tracestate) of the caller's span, when tracing is on.
+    context (traceparent, tracestate) of the caller's span, when tracing is on; ``sent_at``:
+    the caller's ``time.time()`` at sending, when tracing is on (start of the queue-wait span).
     """
 
     id: str
@@ -123,6 +124,7 @@ class RequestHeader(_Wire, frozen=True):
     parameters: dict[str, JSONValue] = msgspec.field(default_factory=dict)
     tensors: list[TensorDescriptor] = msgspec.field(default_factory=list)
     trace_context: dict[str, str] | None = None
+    sent_at: float | None = None
 
 
 class ResponseHeader(_Wire, frozen=True):

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Union
 import msgspec
 import numpy as np
 
+from . import tracing
 from .context import current_context
 from .errors import PayloadTooLargeError, ProtocolError, RequestTooLargeError
 from .kernels.xp import to_device
@@ -92,7 +93,14 @@ class Tensor:
                     "and no data plane is configured in this process"
                 )
             deadline = current_context().deadline
-            self._array = await self._data_plane.fetch(self._remote, memory_type, deadline=deadline)
+            if tracing.active():
+                from .tracing.spans import fetch_span
+
+                remote = self._remote
+                with fetch_span(self.name, remote.nbytes, memory_type, remote.address):
+                    self._array = await self._data_plane.fetch(remote, memory_type, deadline=deadline)
+            else:
+                self._array = await self._data_plane.fetch(self._remote, memory_type, deadline=deadline)
         return _on(self._array, memory_type)
 
     def __repr__(self) -> str:

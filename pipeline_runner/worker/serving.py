@@ -16,9 +16,10 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from .. import tracing
 from ..capacity import default_max_request_bytes
 from ..config import OperatorConfig
-from ..context import ServingContext, reset_context, set_context
+from ..context import OpenCalls, ServingContext, reset_context, set_context
 from ..errors import BadInputError, OperatorError, ProtocolError
 from ..inbound import Delivery, Inbound
 from ..operator import Operator, Request
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
     from ..data_plane.plane import DataPlane
     from ..remote import Connection
+    from ..tracing.spans import ExecuteSpans
 
 log = logging.getLogger("pipeline_runner.worker")
 
@@ -215,26 +217,41 @@ class Worker:
             if refusal is not None:
                 await reply.fail(ErrorInfo(code="worker_lost", message=refusal))
                 return None
-        return Request(header.id, header.parameters, inputs, deadline, reply, device=self.spec.device)
+        trace = None
+        if header.trace_context is not None and tracing.active():
+            from ..tracing.spans import RequestTrace
+
+            trace = RequestTrace(header.trace_context, header.sent_at)
+        return Request(header.id, header.parameters, inputs, deadline, reply, device=self.spec.device, trace=trace)
 
     # --- running ----------------------------------------------------------------------------
 
     async def _execute(self, requests: list[Request]) -> None:
-        scope = TensorScope()
-        token = set_context(ServingContext(self.connection, max(r.deadline for r in requests), scope))
+        scope, calls = TensorScope(), OpenCalls()
+        token = set_context(ServingContext(self.connection, max(r.deadline for r in requests), scope, calls))
         task = asyncio.current_task()
         assert task is not None
         for request in requests:
             self._running[request.id] = (request, task)
+        spans: ExecuteSpans | None = None
+        if tracing.active():
+            from ..tracing.spans import ExecuteSpans
+
+            spans = ExecuteSpans([(r.id, r.trace) for r in requests], self.spec.operator.name, self.spec.worker_id)
+        error: BaseException | None = None
         try:
             await self.operator.execute(requests)
         except Exception as exc:
+            error = exc
             await self._fail_unanswered(requests, self._error_for(exc))
         else:
             await self._fail_unanswered(requests, _NO_RESPONSE)
         finally:
             for request in requests:
                 self._running.pop(request.id, None)
+            await calls.close_all()
+            if spans is not None:
+                spans.end(error)
             reset_context(token)
             if self.data_plane is not None:
                 self.data_plane.release(scope.to_release())
