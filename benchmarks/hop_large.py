@@ -2,7 +2,7 @@
 
 Rows (each at every ``--concurrency``; ``--size`` int32 per request, default 2 Mi = 8 MiB):
 
-* ``raw_floor``: plain ucxx between a caller, an encoder and a decoder process, with the same
+* ``raw_floor``: plain ucxx between a caller and ``--lanes`` encoder -> decoder pairs, with the same
   NumPy kernels (benchmarks/hop_large_processes.py): the bytes hello_world moves per request
   (the input to the encoder, 3 copies to the decoder, 1 copy back: 8 + 24 + 8 MiB at 8 MiB)
   and the same compute, without NATS, operators or the runner's data plane;
@@ -103,16 +103,21 @@ async def spawn(procs: Processes, *args: str) -> Child:
     return Child(proc)
 
 
-async def start_raw_floor(procs: Processes, size: int) -> tuple[Child, dict[str, list[int]]]:
-    stages = {name: await spawn(procs, "raw", "--stage", name, "--size", str(size)) for name in ("caller", "encoder", "decoder")}
-    addresses = {name: (await child.read(START_TIMEOUT_S))["address"] for name, child in stages.items()}
-    following = {"caller": "encoder", "encoder": "decoder", "decoder": "caller"}
-    for name, child in stages.items():
-        await child.send(next=addresses[following[name]])
-    for child in stages.values():
+async def start_raw_floor(procs: Processes, size: int, lanes: int) -> tuple[Child, dict[str, list[int]]]:
+    """The caller and ``lanes`` encoder -> decoder pairs, connected in a ring per lane."""
+    caller = await spawn(procs, "raw", "--stage", "caller", "--size", str(size))
+    pairs = [
+        {name: await spawn(procs, "raw", "--stage", name, "--lane", str(lane), "--size", str(size)) for name in ("encoder", "decoder")}
+        for lane in range(lanes)
+    ]  # fmt: skip
+    address = {child.pid: (await child.read(START_TIMEOUT_S))["address"] for child in [caller, *(c for p in pairs for c in p.values())]}
+    await caller.send(next=[address[pair["encoder"].pid] for pair in pairs])
+    for pair in pairs:
+        await pair["encoder"].send(next=[address[pair["decoder"].pid]])
+        await pair["decoder"].send(next=[address[caller.pid]])
+    for child in [caller, *(c for p in pairs for c in p.values())]:
         await child.read(START_TIMEOUT_S)  # ready
-    caller = stages.pop("caller")
-    return caller, {name: [child.pid] for name, child in stages.items()}
+    return caller, {name: [pair[name].pid for pair in pairs] for name in ("encoder", "decoder")}
 
 
 async def start_library(procs: Processes, url: str, deployment: str, size: int) -> Child:
@@ -189,7 +194,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             hw = load_deployment(REPO / "deployments" / "hello_world_python.yaml").model_copy(update={"http": None})
             for key in keys:
                 if key == "raw_floor":
-                    caller, roles = await start_raw_floor(procs, args.size)
+                    caller, roles = await start_raw_floor(procs, args.size, args.lanes)
                     rows[key] = (caller, roles)
                     continue
                 data = hw.model_dump(mode="json")
@@ -202,6 +207,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 await deployment.start()
                 caller = await start_library(procs, url, key, args.size)
                 rows[key] = (caller, {**base, **deployment_roles(deployment)})
+            pids = sorted({pid for caller, roles in rows.values() for pid in [caller.pid, *sum(roles.values(), [])]} - {os.getpid()})
             for round_index in range(args.rounds):
                 for concurrency in args.concurrency:
                     for key, (caller, roles) in rows.items():
@@ -220,6 +226,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                    "max_seconds": args.max_seconds, "rounds": args.rounds, "concurrency": args.concurrency,
                    "cpus": os.cpu_count(), "load_average": os.getloadavg()},
         "labels": {k: ROWS[k] for k in keys},
+        "pids": pids,  # every process measured: all stopped by now
         "rows": summary,
         "samples": samples,
         "ratios": ratios(summary),
@@ -234,6 +241,7 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=8.0, help="longest one measurement runs")
     parser.add_argument("--warmup", type=int, default=8, help="requests before each measurement")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--lanes", type=int, default=2, help="encoder -> decoder pairs of the floor (hello_world: 2 workers per stage)")
     parser.add_argument("--rows", type=lambda s: s.split(","), default=list(ROWS), help=f"subset of {','.join(ROWS)}")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()

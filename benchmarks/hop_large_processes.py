@@ -5,15 +5,18 @@ API, endpoints from worker addresses, tag send/receive, no cma like the runner),
 running the same NumPy kernels as hello_world (encode: tile 3 times and invert; decode: invert
 and keep one copy), so a request moves the bytes hello_world moves: the input to the encoder,
 three copies to the decoder, one copy back. Messages between two processes are matched in the
-order they were sent, so a stage needs no header: it takes them in order. Receive buffers are
+order they were sent, so a stage needs no header: it takes them in order. Like hello_world's 2
+workers per stage, there are ``--lanes`` encoder -> decoder pairs; the caller deals requests
+to them in turn, each lane on its own tag. Receive buffers are
 preallocated (the best case); outputs are fresh arrays, as an operator makes them. Each process
 polls while UCX moves something and sleeps on the worker's epoll descriptor after 200 µs without.
 
 Protocol with hop_large.py (stdout lines starting with ``@@``, stdin JSON lines):
-``@@ {"address": ...}``, then the next stage's address on stdin; a caller then takes
+``@@ {"address": ...}``, then ``{"next": [addresses]}`` on stdin (a caller: one encoder per
+lane; an encoder: its decoder; a decoder: the caller); a caller then takes
 ``{"concurrency", "requests", "max_s"}`` commands and answers with its timings.
 
-    python benchmarks/hop_large_processes.py raw --stage encoder|decoder|caller --size N
+    python benchmarks/hop_large_processes.py raw --stage encoder|decoder|caller --lane I --size N
     python benchmarks/hop_large_processes.py library --url URL --deployment NAME --size N
 """
 
@@ -56,7 +59,7 @@ def read_command() -> dict[str, Any] | None:
 class RawStage:
     """One UCX worker, an endpoint to the next stage, and a poll-then-sleep progress loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, lane: int = 0) -> None:
         import ucxx._lib.libucxx as ucx_api
         from ucxx._lib.arr import Array
 
@@ -65,23 +68,27 @@ class RawStage:
         self.worker = ucx_api.UCXWorker(self.context)
         self.worker.init_blocking_progress_mode()
         self.fd = self.worker.epoll_file_descriptor
-        self.tag = ucx_api.UCXXTag(TAG)
-        self.ep: Any = None
+        self.tag = ucx_api.UCXXTag(TAG + lane)
+        self.eps: list[Any] = []
         self.last_progress = time.perf_counter()
 
     @property
     def address(self) -> str:
         return base64.b64encode(bytes(self.worker.address)).decode()
 
-    def connect(self, address: str) -> None:
-        peer = self.api.UCXAddress.create_from_buffer(base64.b64decode(address))
-        self.ep = self.api.UCXEndpoint.create_from_worker_address(self.worker, peer, False)
+    def connect(self, addresses: list[str]) -> None:
+        for address in addresses:
+            peer = self.api.UCXAddress.create_from_buffer(base64.b64decode(address))
+            self.eps.append(self.api.UCXEndpoint.create_from_worker_address(self.worker, peer, False))
 
-    def recv(self, buf: np.ndarray) -> Any:
-        return self.worker.tag_recv(self.Array(buf), self.tag)
+    def recv(self, buf: np.ndarray, lane: int | None = None) -> Any:
+        tag = self.tag if lane is None else self.api.UCXXTag(TAG + lane)
+        return self.worker.tag_recv(self.Array(buf), tag)
 
-    def send(self, arr: np.ndarray) -> Any:
-        return self.ep.tag_send(self.Array(arr), self.tag)
+    def send(self, arr: np.ndarray, lane: int | None = None) -> Any:
+        if lane is None:
+            return self.eps[0].tag_send(self.Array(arr), self.tag)
+        return self.eps[lane].tag_send(self.Array(arr), self.api.UCXXTag(TAG + lane))
 
     def progress(self, timeout_s: float = 0.5) -> None:
         """Poll while UCX moves something; after LINGER_S without, sleep until an event."""
@@ -122,23 +129,28 @@ def raw_caller(stage: RawStage, size: int) -> None:
     say(event="ready")
     while (cmd := read_command()) is not None:
         concurrency, requests, max_s = cmd["concurrency"], cmd["requests"], cmd["max_s"]
-        replies: deque[tuple[Any, Any, float, np.ndarray]] = deque()
+        lanes = len(stage.eps)
+        replies: list[deque[tuple[Any, Any, float, np.ndarray]]] = [deque() for _ in range(lanes)]
         latencies: list[float] = []
         started = time.perf_counter()
-        stop_at, issued = started + max_s, 0
+        stop_at, issued, in_flight = started + max_s, 0, 0
         cpu0 = time.process_time()
-        while issued < requests and time.perf_counter() < stop_at or replies:
-            while len(replies) < concurrency and issued < requests and time.perf_counter() < stop_at:
+        while issued < requests and time.perf_counter() < stop_at or in_flight:
+            while in_flight < concurrency and issued < requests and time.perf_counter() < stop_at:
+                lane = issued % lanes
                 out = np.empty(size, np.int32)  # a fresh output, as a caller gets one
-                recv = stage.recv(out)
-                replies.append((recv, stage.send(payload), time.perf_counter(), out))
+                recv = stage.recv(out, lane)
+                replies[lane].append((recv, stage.send(payload, lane), time.perf_counter(), out))
                 issued += 1
+                in_flight += 1
             stage.progress(timeout_s=0.05)
-            while replies and replies[0][0].completed and replies[0][1].completed:
-                recv, send, t0, out = replies.popleft()
-                recv.check_error()
-                send.check_error()
-                latencies.append(time.perf_counter() - t0)
+            for queue in replies:
+                while queue and queue[0][0].completed and queue[0][1].completed:
+                    recv, send, t0, out = queue.popleft()
+                    recv.check_error()
+                    send.check_error()
+                    latencies.append(time.perf_counter() - t0)
+                    in_flight -= 1
             if time.perf_counter() > stop_at + CALL_TIMEOUT_S:
                 say(error=f"{len(replies)} requests unanswered after {CALL_TIMEOUT_S} s")
                 return
@@ -200,6 +212,7 @@ def main() -> None:
     parser.add_argument("role", choices=["raw", "library"])
     parser.add_argument("--stage", choices=["encoder", "decoder", "caller"])
     parser.add_argument("--size", type=int, required=True, help="int32 elements per request")
+    parser.add_argument("--lane", type=int, default=0, help="a raw stage's lane (its tag)")
     parser.add_argument("--depth", type=int, default=4, help="receives a raw stage keeps posted")
     parser.add_argument("--url")
     parser.add_argument("--deployment")
@@ -207,7 +220,7 @@ def main() -> None:
     if args.role == "library":
         asyncio.run(library_caller(args))
         return
-    stage = RawStage()
+    stage = RawStage(args.lane)
     say(address=stage.address)
     stage.connect(json.loads(sys.stdin.readline())["next"])
     if args.stage == "caller":
