@@ -25,9 +25,10 @@ Callback = Callable[[BaseException | None], None]
 # Keep polling this long after UCX last moved anything before sleeping on the epoll descriptor:
 # the next message of an exchange usually follows within microseconds, and a wakeup from epoll
 # costs far more than that. (Counted from the last progress, not the last completion: a large
-# transfer moves fragment after fragment for milliseconds before it completes.) Lingering also ends while our own requests are pending: a process
-# that polls until its peer answers keeps the CPU the peer was woken on, and the peer waits for
-# the scheduler to move it (what both choices cost: RESULTS.md, see the module docstring).
+# transfer moves fragment after fragment for milliseconds before it completes.) Lingering also
+# ends while our own requests are pending: a process that polls until its peer answers keeps
+# the CPU the peer was woken on, and the peer waits for the scheduler to move it (what both
+# choices cost: RESULTS.md, see the module docstring).
 LINGER_S = 200e-6
 # Longest stretch the worker is progressed without letting the loop's other tasks run
 # (``worker.progress()`` would copy a whole large message in one call).
@@ -141,7 +142,8 @@ class Progress:
         The pending requests are scanned for completions only after a pass that moved
         something, when ``collect`` says so, or after ``COLLECT_EVERY`` passes that did not:
         a pass that moved nothing completed nothing, and with many transfers in flight the
-        scan (a lock per request) cost more than the polling itself.
+        scan (a lock per request) cost more than the polling itself. (``_poll`` scans once more
+        before it sleeps.)
 
         (Polling on inside this call while a transfer is pending, instead of yielding to the
         loop in between, was tried: no faster, and slower for small messages.)
@@ -197,7 +199,7 @@ class Progress:
         while not self.closed:
             if self._advance():
                 last = time.perf_counter()
-            if time.perf_counter() - last >= LINGER_S and self._worker.arm():
+            if time.perf_counter() - last >= LINGER_S and not self._collect() and self._worker.arm():
                 # Armed: the epoll descriptor reports the next event to the loop.
                 if self._pending and self._tick is None:
                     self._tick = self._loop.call_later(SAFETY_TICK_S, self._on_tick)
