@@ -137,6 +137,15 @@ class DataPlaneConfig(_Model):
     fetch_timeout_s: float = Field(
         30.0, gt=0, description="Longest a consumer waits for one tensor fetch."
     )
+    parallel_fetches: int = Field(
+        2,
+        ge=1,
+        le=1024,
+        description=(
+            "Fetches of 1 MiB and more into host memory that one process runs at once; the "
+            "others wait their turn (in arrival order, within their deadline)."
+        ),
+    )
 
 
 class DeliveryConfig(_Model):

@@ -19,6 +19,7 @@ from ..config import DataPlaneConfig
 from ..protocol import RemoteTensor, array_from_bytes, tensor_bytes
 from .buffers import BufferPool
 from .errors import DataPlaneError
+from .fetch_gate import FetchGate
 from .store import TensorStore
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ class DataPlane:
         self.config = config or DataPlaneConfig()
         self.store = TensorStore()
         self.buffers = BufferPool()
+        self.gate = FetchGate(self.config.parallel_fetches)  # large host fetches take turns
         self.fetched_from: Counter[str] = Counter()
         # Where tensors lived and where they went: the evidence that GPU tensors stay on GPUs.
         self.published_memory: Counter[str] = Counter()  # 'cpu' | 'gpu'
@@ -136,16 +138,23 @@ class DataPlane:
                 raise DataPlaneError(f"tensor {desc.name!r} ({desc.tensor_id}) was already freed here")
             self.fetched_memory[move] += 1
             return _as_array(desc, flat, want_gpu)
+        timeout_s = self.config.fetch_timeout_s
+        if deadline is not None:
+            timeout_s = max(min(timeout_s, deadline - time.monotonic()), 0.001)
         if want_gpu:
             import cupy
 
             out: Any = cupy.empty(desc.nbytes, dtype=cupy.uint8)
+            await self._transport.fetch(desc.address, desc.tensor_id, out, timeout_s)
         else:
-            out = self.buffers.take(desc.nbytes)
-        timeout_s = self.config.fetch_timeout_s
-        if deadline is not None:
-            timeout_s = max(min(timeout_s, deadline - time.monotonic()), 0.001)
-        await self._transport.fetch(desc.address, desc.tensor_id, out, timeout_s)
+            # The receive buffer is taken once it is this fetch's turn: buffers of fetches
+            # still waiting would only be fresh memory that the pool cannot hand out again.
+            gives_up_at = time.monotonic() + timeout_s
+            async with self.gate.turn(desc.nbytes, gives_up_at, repr(desc.name)):
+                out = self.buffers.take(desc.nbytes)
+                await self._transport.fetch(
+                    desc.address, desc.tensor_id, out, max(gives_up_at - time.monotonic(), 0.001)
+                )
         self.fetched_from[desc.address] += 1
         self.fetched_memory[move] += 1
         return _as_array(desc, out, want_gpu)
