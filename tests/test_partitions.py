@@ -134,6 +134,33 @@ def _hit(records: list[dict[str, Any]], since: float, until: float) -> list[dict
     return [r for r in records if r["start"] < until and r["end"] > since]
 
 
+@pytest.mark.skipif(can_impair_links() is not None, reason=f"cannot impair links: {can_impair_links()}")
+def test_a_lossy_slow_decoder_link_slows_requests_but_answers_them_all(hosts) -> None:
+    net, tmp_path = hosts
+    load = Load(net, tmp_path, "lossy", seconds=20)
+    time.sleep(3)
+    impaired_at = time.time()
+    # 5 % of packets lost each way, 100 Mbit/s: each request moves ~1.5 MiB in and out of the
+    # decoder host (three 128 KiB copies fetched, 128 KiB answered, NATS traffic).
+    net.impair("dec", loss_percent=5, rate="100mbit")
+    time.sleep(10)
+    net.heal("dec")
+    healed_at = time.time()
+    result = load.result()
+    records = result["records"]
+    outcomes = _check_every_request_ended_once_in_time(records, {"ok"})
+    hit = _hit(records, impaired_at, healed_at)
+    assert len(hit) >= 16, "no request crossed the impaired link"
+    slow = sorted(r["end"] - r["start"] for r in hit)
+    before = sorted(r["end"] - r["start"] for r in records if r["end"] < impaired_at)
+    normal = _serves_normally(net, tmp_path, "lossy_after")
+    print(f"\nlossy slow link 10 s: {len(records)} requests, {len(hit)} while impaired "
+          f"(p50 {slow[len(slow) // 2]:.2f} s, max {slow[-1]:.2f} s; before: p50 "
+          f"{before[len(before) // 2]:.2f} s), outcomes {dict(outcomes)}; "
+          f"afterwards {normal} of {normal} ok")
+
+
+# Last in the file: the 20 s case leaves the deployment's data plane broken (see its xfail).
 @pytest.mark.parametrize(
     "cut_s",
     [
@@ -173,30 +200,4 @@ def test_pulling_the_decoder_hosts_cable_mid_run_ends_every_request_in_time(host
     print(f"\ncable pulled {cut_s} s: {len(records)} requests, {len(hit)} in flight during the cut, "
           f"outcomes {dict(outcomes)}, first answer {first_ok:.1f} s after the restore, "
           f"late answers dropped {result['late_responses']}, resent {result['resent_requests']}; "
-          f"afterwards {normal} of {normal} ok")
-
-
-@pytest.mark.skipif(can_impair_links() is not None, reason=f"cannot impair links: {can_impair_links()}")
-def test_a_lossy_slow_decoder_link_slows_requests_but_answers_them_all(hosts) -> None:
-    net, tmp_path = hosts
-    load = Load(net, tmp_path, "lossy", seconds=20)
-    time.sleep(3)
-    impaired_at = time.time()
-    # 5 % of packets lost each way, 100 Mbit/s: each request moves ~1.5 MiB in and out of the
-    # decoder host (three 128 KiB copies fetched, 128 KiB answered, NATS traffic).
-    net.impair("dec", loss_percent=5, rate="100mbit")
-    time.sleep(10)
-    net.heal("dec")
-    healed_at = time.time()
-    result = load.result()
-    records = result["records"]
-    outcomes = _check_every_request_ended_once_in_time(records, {"ok"})
-    hit = _hit(records, impaired_at, healed_at)
-    assert len(hit) >= 16, "no request crossed the impaired link"
-    slow = sorted(r["end"] - r["start"] for r in hit)
-    before = sorted(r["end"] - r["start"] for r in records if r["end"] < impaired_at)
-    normal = _serves_normally(net, tmp_path, "lossy_after")
-    print(f"\nlossy slow link 10 s: {len(records)} requests, {len(hit)} while impaired "
-          f"(p50 {slow[len(slow) // 2]:.2f} s, max {slow[-1]:.2f} s; before: p50 "
-          f"{before[len(before) // 2]:.2f} s), outcomes {dict(outcomes)}; "
           f"afterwards {normal} of {normal} ok")

@@ -38,6 +38,8 @@ log = logging.getLogger("pipeline_runner.worker")
 
 # Requests cancelled before they started are remembered, up to this many.
 _CANCELLED_EARLY_MAX = 10_000
+# asyncio may fire a timer set for a deadline a little before it.
+_DEADLINE_SLACK_S = 0.05
 _NO_RESPONSE = ErrorInfo(code="no_response", message="the operator returned without a final response")
 
 
@@ -229,7 +231,7 @@ class Worker:
         except Exception as exc:
             # A fetch or a downstream call that ran out of the request's time is a timeout to
             # its caller, whatever raised (the message keeps the cause).
-            late = [r for r in requests if r.time_left() <= 0]
+            late = [r for r in requests if r.time_left() < _DEADLINE_SLACK_S]
             if late:
                 await self._fail_unanswered(late, self._deadline_passed(exc))
             if len(late) < len(requests):
