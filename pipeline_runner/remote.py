@@ -162,7 +162,7 @@ class RemoteOperator:
                     async for response, body in stream:
                         if response.error is not None:
                             raise OperatorError(self.name, response.error.code, response.error.message)
-                        outputs = decode_tensors(response.tensors, body, data_plane)
+                        outputs = decode_tensors(response.tensors, body, data_plane, stream.deadline)
                         remote = [t.descriptor for t in outputs.values() if t.descriptor is not None]
                         came_back.update((d.address, d.tensor_id) for d in remote)
                         if scope is not None:

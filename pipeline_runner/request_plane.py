@@ -46,6 +46,9 @@ _CONFIRM_EVERY_S = 0.5
 # Detect a server that vanished without closing the connection (a host crash) within ~30 s.
 _PING_INTERVAL_S = 10
 _MAX_OUTSTANDING_PINGS = 3
+# How long nats-py itself waits for the PONG of a round trip we start: past the ~40 s in which a
+# silent server is taken for gone and the connection is replaced (which drops the wait).
+_PONG_WAIT_S = _PING_INTERVAL_S * (_MAX_OUTSTANDING_PINGS + 2)
 
 
 def operator_subject(deployment: str, operator: str, version: int) -> str:
@@ -92,6 +95,8 @@ class RequestPlane:
         self._confirmed_at = 0.0  # when the last flush that came back was sent
         self._confirmer: asyncio.Task[None] | None = None
         self._resending: set[asyncio.Task[None]] = set()
+        # Round trips (PING/PONG) in flight: task -> reconnect count when it began.
+        self._round_trips: dict[asyncio.Task[None], int] = {}
 
     @classmethod
     async def connect(
@@ -127,6 +132,7 @@ class RequestPlane:
             last_error = ""
             log.info("reconnected to NATS")
             if planes:
+                planes[0]._drop_old_round_trips()
                 planes[0]._resend_open_requests()
                 await planes[0]._republish_journal()
 
@@ -191,6 +197,13 @@ class RequestPlane:
         if self._confirmer is not None:
             self._confirmer.cancel()
             self._confirmer = None
+        try:
+            await self._close_connection(timeout_s)
+        finally:
+            for task in list(self._round_trips):  # only now: cancelled earlier, a late PONG would break the drain
+                task.cancel()
+
+    async def _close_connection(self, timeout_s: float) -> None:
         if self._nc.is_closed:
             return
         try:
@@ -253,7 +266,8 @@ class RequestPlane:
             pending_msgs_limit=1_000_000,
             pending_bytes_limit=1 << 30,
         )
-        await self._nc.flush(timeout=5)
+        if not await self.round_trip(timeout_s=5):
+            raise RunnerError(f"the NATS server did not confirm the subscription to {subject} within 5 s")
         return sub
 
     async def stop_serving(self, sub: Subscription, timeout_s: float = 2.0) -> None:
@@ -333,10 +347,38 @@ class RequestPlane:
             if not self._journal or not self._nc.is_connected:
                 continue
             sent = time.monotonic()
-            with contextlib.suppress(Exception):
-                await self._nc.flush(timeout=2)
+            if await self.round_trip(timeout_s=2):
                 self._confirmed_at = sent
             self._trim_journal()
+
+    async def round_trip(self, timeout_s: float) -> bool:
+        """Whether the server answers a PING within ``timeout_s`` (so it has everything sent before).
+
+        Unlike ``flush(timeout=...)``, a round trip that takes too long is never cancelled: with
+        nats-py (2.16) the late PONG of a cancelled flush raises InvalidStateError in its read
+        loop, which ends it, and the connection goes deaf without reconnecting. It is left to
+        finish; a reconnect drops it (see ``_drop_old_round_trips``).
+        """
+        if self._nc.is_closed:
+            return False
+        task = asyncio.create_task(self._nc.flush(timeout=_PONG_WAIT_S))
+        self._round_trips[task] = self._nc.stats["reconnects"]
+        task.add_done_callback(self._round_trip_ended)
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        return bool(done) and not task.cancelled() and task.exception() is None
+
+    def _round_trip_ended(self, task: asyncio.Task[None]) -> None:
+        self._round_trips.pop(task, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: a failed round trip is an answer, not an error to log
+
+    def _drop_old_round_trips(self) -> None:
+        # A reconnect gave nats-py a fresh list of awaited PONGs: those begun on the old
+        # connection will never come, and cancelling them is safe now.
+        reconnects = self._nc.stats["reconnects"]
+        for task, began in list(self._round_trips.items()):
+            if began < reconnects:
+                task.cancel()
 
     async def _republish_journal(self) -> None:
         for _, subject, payload in list(self._journal):

@@ -40,6 +40,8 @@ log = logging.getLogger("pipeline_runner.worker")
 
 # Requests cancelled before they started are remembered, up to this many.
 _CANCELLED_EARLY_MAX = 10_000
+# asyncio may fire a timer set for a deadline a little before it.
+_DEADLINE_SLACK_S = 0.05
 _NO_RESPONSE = ErrorInfo(code="no_response", message="the operator returned without a final response")
 
 
@@ -243,7 +245,13 @@ class Worker:
             await self.operator.execute(requests)
         except Exception as exc:
             error = exc
-            await self._fail_unanswered(requests, self._error_for(exc))
+            # A fetch or a downstream call that ran out of the request's time is a timeout to
+            # its caller, whatever raised (the message keeps the cause).
+            late = [r for r in requests if r.time_left() < _DEADLINE_SLACK_S]
+            if late:
+                await self._fail_unanswered(late, self._deadline_passed(exc))
+            if len(late) < len(requests):
+                await self._fail_unanswered(requests, self._error_for(exc))
         else:
             await self._fail_unanswered(requests, _NO_RESPONSE)
         finally:
@@ -265,6 +273,12 @@ class Worker:
             return ErrorInfo(code=exc.code, message=str(exc))
         log.error("operator %s raised", self.spec.operator.name, exc_info=exc)
         return ErrorInfo(code="operator_failed", message=f"{type(exc).__name__}: {exc}")
+
+    def _deadline_passed(self, exc: Exception) -> ErrorInfo:
+        log.warning("a request's deadline passed while %s served it: %s: %s",
+                    self.spec.operator.name, type(exc).__name__, exc)
+        return ErrorInfo(code="timeout", message=f"the request's deadline passed while it was served: "
+                         f"{type(exc).__name__}: {exc}")
 
     async def _fail_unanswered(self, requests: list[Request], error: ErrorInfo) -> None:
         for request in requests:
