@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from ..config import DataPlaneConfig, OperatorConfig
+from ..config import DataPlaneConfig, OperatorConfig, TracingConfig
 from ..nats_security import NatsClientOptions
 from ..placement import Device
 
@@ -29,6 +29,8 @@ class WorkerSpec(BaseModel):
     device: Device = "cpu"
     #: The deployment's CUDA number of this worker's GPU; the worker itself sees it as device 0.
     gpu: int | None = None
+    #: The deployment's tracing section, its ``file`` made absolute.
+    tracing: TracingConfig = TracingConfig()
 
     @property
     def worker_id(self) -> str:
