@@ -22,6 +22,7 @@ from .errors import DataPlaneError
 from .store import TensorStore
 
 if TYPE_CHECKING:
+    from ..metrics.observers import DataPlaneMetrics
     from .ucx_transport import UcxTransport
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,9 @@ def is_device_array(value: Any) -> bool:
 class DataPlane:
     """Large-tensor transfer for one process, over UCX."""
 
-    def __init__(self, config: DataPlaneConfig | None = None):
+    def __init__(self, config: DataPlaneConfig | None = None, metrics: DataPlaneMetrics | None = None):
         self.config = config or DataPlaneConfig()
+        self.metrics = metrics
         self.store = TensorStore()
         self.buffers = BufferPool()
         self.fetched_from: Counter[str] = Counter()
@@ -108,6 +110,8 @@ class DataPlane:
             flat = contiguous.reshape(-1).view(cupy.uint8)
             tensor_id = self.store.put(flat, contiguous.nbytes, lease)
             self.published_memory["gpu"] += 1
+            if self.metrics is not None:
+                self.metrics.published("gpu", contiguous.nbytes)
             return RemoteTensor(
                 name=name, dtype=contiguous.dtype.str, shape=contiguous.shape,
                 nbytes=contiguous.nbytes, address=self.address, tensor_id=tensor_id,
@@ -116,6 +120,8 @@ class DataPlane:
         dtype, data = tensor_bytes(name, np.asarray(array))
         tensor_id = self.store.put(data, len(data), lease)
         self.published_memory["cpu"] += 1
+        if self.metrics is not None:
+            self.metrics.published("cpu", len(data))
         return RemoteTensor(
             name=name, dtype=dtype, shape=np.shape(array), nbytes=len(data),
             address=self.address, tensor_id=tensor_id,
@@ -143,11 +149,14 @@ class DataPlane:
         else:
             out = self.buffers.take(desc.nbytes)
         timeout_s = self.config.fetch_timeout_s
+        started = time.monotonic()
         if deadline is not None:
-            timeout_s = max(min(timeout_s, deadline - time.monotonic()), 0.001)
+            timeout_s = max(min(timeout_s, deadline - started), 0.001)
         await self._transport.fetch(desc.address, desc.tensor_id, out, timeout_s)
         self.fetched_from[desc.address] += 1
         self.fetched_memory[move] += 1
+        if self.metrics is not None:
+            self.metrics.fetched("gpu" if want_gpu else "cpu", desc.nbytes, time.monotonic() - started)
         return _as_array(desc, out, want_gpu)
 
     def release(self, descriptors: list[RemoteTensor]) -> None:

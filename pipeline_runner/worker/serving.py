@@ -21,6 +21,7 @@ from ..config import OperatorConfig
 from ..context import ServingContext, reset_context, set_context
 from ..errors import BadInputError, OperatorError, ProtocolError
 from ..inbound import Delivery, Inbound
+from ..metrics.observers import CANCELLED, EXPIRED, WorkerMetrics
 from ..operator import Operator, Request
 from ..protocol import ErrorInfo, decode_request, salvage_reply_to
 from ..reply import Responder
@@ -53,6 +54,7 @@ class Worker:
         responder: Responder,
         data_plane: DataPlane | None,
         connection: Connection | None = None,
+        metrics: WorkerMetrics | None = None,
     ):
         self.spec = spec
         self.operator = operator
@@ -73,9 +75,8 @@ class Worker:
         self._running: dict[str, tuple[Request, asyncio.Task[Any]]] = {}
         self._cancelled_early: dict[str, None] = {}  # cancelled before they started (bounded)
         self._stopping = asyncio.Event()
-        self.served = 0
-        self.cancelled = 0
-        self.redelivered = 0
+        #: The counts of ``runner status`` and, when exposed, the worker's Prometheus metrics.
+        self.metrics = metrics or WorkerMetrics()
 
     async def serve(self, on_ready: Callable[[], None] | None = None) -> None:
         """Serve until :meth:`stop`, then drain the unfinished requests and return."""
@@ -93,7 +94,7 @@ class Worker:
             await asyncio.sleep(0.01)
         dispatcher.cancel()
         await self.inbound.close()
-        log.info("stopped after serving %d requests", self.served)
+        log.info("stopped after serving %d requests", self.metrics.served)
 
     def stop(self) -> None:
         """Take no more requests; :meth:`serve` returns once the unfinished ones are done."""
@@ -101,9 +102,9 @@ class Worker:
 
     def stats(self) -> dict[str, Any]:
         return {
-            "served": self.served,
-            "cancelled": self.cancelled,
-            "redelivered": self.redelivered,
+            "served": self.metrics.served,
+            "cancelled": self.metrics.cancelled,
+            "redelivered": self.metrics.redelivered,
             "unfinished": self._unfinished,
             "operator_stats": self.operator.stats(),
         }
@@ -136,6 +137,7 @@ class Worker:
                                f"max_queued_requests={op.max_queued_requests})")
             return
         self._unfinished += 1
+        self.metrics.request_received()
         self._queue.put_nowait(delivery)
 
     async def _refuse(self, delivery: Delivery, why: str) -> None:
@@ -150,24 +152,36 @@ class Worker:
                 reply = self.responder.reply(reply_to, request_id, delivery.attempt)
                 await reply.fail(ErrorInfo(code="overloaded", message=why))
         await delivery.done()
+        self.metrics.request_refused("overloaded")
 
     async def _dispatch(self) -> None:
         max_batch = self.spec.operator.max_batch_size
         while True:
             delivery = await self._queue.get()
+            taken_at = time.monotonic()
             await self._slots.acquire()
             batch = [delivery]
             while len(batch) < max_batch and not self._queue.empty() and not self._slots.locked():
                 await self._slots.acquire()
                 batch.append(self._queue.get_nowait())
+            self._batch_closed(batch, taken_at)
             task = asyncio.create_task(self._run_batch(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    def _batch_closed(self, batch: list[Delivery], taken_at: float) -> None:
+        """Report a batch leaving the queue (``taken_at``: when its first request was taken)."""
+        now = time.monotonic()
+        waits = [now - (d.sent_at if d.sent_at is not None else d.received_at) for d in batch]
+        self.metrics.batch_closed(len(batch), now - taken_at, waits)
+
     async def _run_batch(self, deliveries: list[Delivery]) -> None:
+        decoded: list[Request | None] = []
         requests: list[Request] = []
         try:
-            requests = [request for d in deliveries if (request := await self._decode(d)) is not None]
+            for delivery in deliveries:
+                decoded.append(await self._decode(delivery))
+            requests = [request for request in decoded if request is not None]
             if requests:
                 await self._execute(requests)
         except Exception:  # a bug here must not kill the dispatcher or leak slots
@@ -178,11 +192,21 @@ class Worker:
             for delivery in deliveries:
                 await delivery.done()
             # Counted once the request is out of the way (acknowledged, its slot free).
-            self.cancelled += sum(1 for r in requests if r.cancelled)
+            self._report_finished(deliveries, decoded)
             for _ in deliveries:
                 self._slots.release()
             self._unfinished -= len(deliveries)
             await self.inbound.capacity_freed()
+
+    def _report_finished(self, deliveries: list[Delivery], decoded: list[Request | None]) -> None:
+        now = time.monotonic()
+        for index, delivery in enumerate(deliveries):
+            request = decoded[index] if index < len(decoded) else None
+            if request is None:
+                outcome, executed = delivery.outcome, False
+            else:
+                outcome, executed = CANCELLED if request.cancelled else request.outcome or "no_response", True
+            self.metrics.request_finished(outcome, now - delivery.received_at, executed=executed)
 
     async def _decode(self, delivery: Delivery) -> Request | None:
         """The request to run, or None when it was answered (or needs no answer) already."""
@@ -192,6 +216,7 @@ class Worker:
             inputs = decode_tensors(header.tensors, body, self.data_plane)
         except ProtocolError as exc:
             log.warning("rejected malformed request on %s: %s", self._subject, exc)
+            delivery.outcome = exc.code
             reply_to = delivery.reply_to or salvage_reply_to(delivery.data)
             if reply_to:
                 reply = self.responder.reply(reply_to, "", delivery.attempt)
@@ -199,18 +224,21 @@ class Worker:
             return None
         if header.id in self._cancelled_early:
             del self._cancelled_early[header.id]
+            delivery.outcome = CANCELLED
             return None  # the caller gave up before we started
         deadline = delivery.deadline(header.timeout_s)
         if deadline <= time.monotonic():
+            delivery.outcome = EXPIRED
             return None  # its caller has already given up (it waited in a work queue)
         attempt = delivery.attempt
         reply = self.responder.reply(header.reply_to, header.id, attempt, deadline)
         if attempt > 1:
-            self.redelivered += 1
+            self.metrics.request_redelivered()
             log.warning("request %s delivered again (attempt %d): a worker holding it died, "
                         "or its caller lost its NATS connection", header.id, attempt)
             refusal = redelivery_refusal(self.spec.operator, attempt)
             if refusal is not None:
+                delivery.outcome = "worker_lost"
                 await reply.fail(ErrorInfo(code="worker_lost", message=refusal))
                 return None
         return Request(header.id, header.parameters, inputs, deadline, reply, device=self.spec.device)
@@ -236,7 +264,6 @@ class Worker:
             reset_context(token)
             if self.data_plane is not None:
                 self.data_plane.release(scope.to_release())
-            self.served += len(requests)
 
     def _error_for(self, exc: Exception) -> ErrorInfo:
         """What the callers of a batch learn when ``execute`` raised ``exc``."""

@@ -1,0 +1,173 @@
+"""The typed observers the serving loop, the data plane, Triton calls and the ingress report to.
+
+Each keeps the plain counts ``runner status`` shows and, when metrics are on, writes the same
+events to prometheus-client's values; with metrics off the counts are all there is. Label values
+are resolved once per process, so an observation is a few value updates and no dict lookups
+beyond the outcome's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+#: A request's outcome: ``ok``, an error code, or one of these (its caller gave up first).
+CANCELLED = "cancelled"
+EXPIRED = "expired"
+
+
+@dataclass(frozen=True)
+class ProcessLabels:
+    """Who is measuring: the label values every metric of this process carries."""
+
+    deployment: str
+    operator: str
+    worker: str
+
+    def values(self) -> tuple[str, str, str]:
+        return (self.deployment, self.operator, self.worker)
+
+
+class WorkerMetrics:
+    """What one worker's serving loop reports; the source of its ``runner status`` counters."""
+
+    def __init__(self, labels: ProcessLabels | None = None):
+        """``labels`` None: count for ``runner status`` only, expose nothing."""
+        self.served = 0  # requests the operator executed
+        self.cancelled = 0
+        self.redelivered = 0
+        self._labels = labels
+        self._outcomes: dict[str, Any] = {}
+        if labels is None:
+            return
+        from .definitions import definitions
+
+        d, values = definitions(), labels.values()
+        self._requests = d.requests
+        self._duration = d.request_duration.labels(*values)
+        self._queue_wait = d.queue_wait.labels(*values)
+        self._inflight = d.inflight.labels(*values)
+        self._queued = d.queued.labels(*values)
+        self._batch_size = d.batch_size.labels(*values)
+        self._batch_wait = d.batch_wait.labels(*values)
+        self._redeliveries = d.redeliveries.labels(*values)
+        for outcome in ("ok", CANCELLED):  # present in a scrape from the start
+            self._outcome(outcome)
+
+    @property
+    def exposed(self) -> bool:
+        return self._labels is not None
+
+    def request_received(self) -> None:
+        """A request was admitted and waits for a batch."""
+        if self._labels is not None:
+            self._queued.inc()
+
+    def request_refused(self, outcome: str) -> None:
+        """A request was answered with ``outcome`` (e.g. overloaded) without being admitted."""
+        if self._labels is not None:
+            self._outcome(outcome).inc()
+
+    def batch_closed(self, size: int, batch_wait_s: float, queue_waits_s: list[float]) -> None:
+        """``size`` admitted requests left the queue as one batch; each waited ``queue_waits_s``."""
+        if self._labels is None:
+            return
+        self._queued.dec(size)
+        self._inflight.inc(size)
+        self._batch_size.observe(size)
+        self._batch_wait.observe(batch_wait_s)
+        for wait_s in queue_waits_s:
+            self._queue_wait.observe(wait_s)
+
+    def request_redelivered(self) -> None:
+        self.redelivered += 1
+        if self._labels is not None:
+            self._redeliveries.inc()
+
+    def request_finished(self, outcome: str, duration_s: float, *, executed: bool) -> None:
+        """A request of a closed batch is done with ``outcome`` after ``duration_s`` in the worker."""
+        self.served += executed
+        self.cancelled += outcome == CANCELLED
+        if self._labels is None:
+            return
+        self._outcome(outcome).inc()
+        self._duration.observe(duration_s)
+        self._inflight.dec()
+
+    def _outcome(self, outcome: str) -> Any:
+        child = self._outcomes.get(outcome)
+        if child is None:
+            assert self._labels is not None
+            child = self._outcomes[outcome] = self._requests.labels(*self._labels.values(), outcome)
+        return child
+
+
+class DataPlaneMetrics:
+    """Tensors a process's data plane published and fetched, by memory type (cpu, gpu)."""
+
+    def __init__(self, labels: ProcessLabels):
+        from .definitions import definitions
+
+        self._labels = labels.values()
+        self._definitions = definitions()
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._fetch_durations: dict[str, Any] = {}
+
+    def published(self, memory: str, nbytes: int) -> None:
+        tensors, bytes_ = self._counters("sent", memory)
+        tensors.inc()
+        bytes_.inc(nbytes)
+
+    def fetched(self, memory: str, nbytes: int, duration_s: float) -> None:
+        tensors, bytes_ = self._counters("fetched", memory)
+        tensors.inc()
+        bytes_.inc(nbytes)
+        histogram = self._fetch_durations.get(memory)
+        if histogram is None:
+            histogram = self._definitions.data_plane_fetch_duration.labels(*self._labels, memory)
+            self._fetch_durations[memory] = histogram
+        histogram.observe(duration_s)
+
+    def _counters(self, direction: str, memory: str) -> tuple[Any, Any]:
+        key = (direction, memory)
+        children = self._children.get(key)
+        if children is None:
+            d = self._definitions
+            children = (
+                d.data_plane_tensors.labels(*self._labels, direction, memory),
+                d.data_plane_bytes.labels(*self._labels, direction, memory),
+            )
+            self._children[key] = children
+        return children
+
+
+class TritonMetrics:
+    """Inference calls a Triton operator made to its server."""
+
+    def __init__(self, labels: ProcessLabels, model: str):
+        from .definitions import definitions
+
+        self._duration = definitions().triton_request_duration.labels(*labels.values(), model)
+
+    def call_finished(self, duration_s: float) -> None:
+        self._duration.observe(duration_s)
+
+
+class IngressMetrics:
+    """HTTP requests one ingress process answered."""
+
+    def __init__(self, deployment: str, ingress: str):
+        from .definitions import definitions
+
+        d = definitions()
+        self._labels = (deployment, ingress)
+        self._requests = d.http_requests
+        self._duration = d.http_request_duration.labels(*self._labels)
+        self._codes: dict[int, Any] = {}
+
+    def request_finished(self, status: int, duration_s: float) -> None:
+        child = self._codes.get(status)
+        if child is None:
+            child = self._codes[status] = self._requests.labels(*self._labels, str(status))
+        child.inc()
+        self._duration.observe(duration_s)
