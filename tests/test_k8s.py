@@ -281,7 +281,7 @@ def test_metrics_off_in_the_file_leave_no_port_and_no_scrape_annotation(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     file = deployment_file(
-        tmp_path, "name: quiet\nworking_dir: ..\nmetrics: {enabled: false}\noperators:\n  - {name: echo, implementation: operators.ops:Echo}\n"
+        tmp_path, "name: quiet\nworking_dir: ..\nmetrics: {enabled: false}\noperators:\n  - {name: echo, implementation: operators/ops.py:Echo}\n"
     )
     (workload,) = worker_deployments(render(capsys, file))
     assert deploy_args(workload).metrics_port is None
