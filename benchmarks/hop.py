@@ -14,6 +14,8 @@ Rows (each at every ``--concurrency``, 1024 int32 per request like ``runner clie
   ``hello_world_uvloop``: the same file with every worker and the caller on uvloop (through a
   ``sitecustomize`` on PYTHONPATH); workers run on uvloop by default, so ``hello_world_asyncio``
   puts them on asyncio's own loop (``PIPELINE_RUNNER_EVENT_LOOP=asyncio``) for comparison;
+  every deployment serves Prometheus metrics (the default); ``hello_world_no_metrics`` is the
+  same file with ``metrics: {enabled: false}`` (nothing scrapes during the run);
 * ``runner_client``: ``runner client`` (a subprocess on a pseudo-terminal, as a user runs it:
   answer checks and progress bar) against hello_world; on request (``--rows``) also
   ``runner_client_no_check`` (``--no-check``), ``runner_client_no_tty`` (output to a pipe,
@@ -209,13 +211,14 @@ def deployment_roles(deployment: Any) -> dict[str, list[int]]:
     return roles
 
 
-def hello_world_variant(base: Any, name: str, mode: str | None) -> Any:
+def hello_world_variant(base: Any, name: str, mode: str | None, metrics: bool = True) -> Any:
     from pipeline_runner import DeploymentConfig
 
     data = base.model_dump(mode="json")
     data["name"] = name
     data["working_dir"] = str(base.root)
     data.pop("http", None)  # several copies run at once; they cannot share the file's HTTP port
+    data["metrics"]["enabled"] = metrics
     for op in data["operators"]:
         if mode is not None:
             op["delivery"]["mode"] = mode
@@ -380,6 +383,8 @@ def ratios(results: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]
     add("hello_world req/s / raw JetStream chain req/s", "hello_world", "raw_js_chain", "req_per_s", "")
     add("hello_world CPU / raw JetStream chain CPU", "hello_world", "raw_js_chain", "cpu_us_per_request", "")
     add("hello_world CPU / raw 3-hop chain CPU", "hello_world", "raw_chain", "cpu_us_per_request", "cut 3x")
+    add("hello_world CPU, metrics on / off", "hello_world", "hello_world_no_metrics", "cpu_us_per_request", "")
+    add("hello_world req/s, metrics on / off", "hello_world", "hello_world_no_metrics", "req_per_s", "")
     add("runner client caller CPU / raw chain caller CPU", "runner_client", "raw_chain", "caller_cpu_us_per_request", "<= 1.5")
     return out
 
@@ -415,6 +420,7 @@ ALL_ROWS = {
     "hello_world_amo": "hello_world_python via library, at_most_once",
     "hello_world_uvloop": "hello_world_python via library, uvloop everywhere",
     "hello_world_asyncio": "hello_world_python via library, workers on asyncio's own loop",
+    "hello_world_no_metrics": "hello_world_python via library, metrics off",
     "runner_client": "runner client -> hello_world_python",
     "runner_client_asyncio": "runner client on asyncio's own loop -> hello_world_python",
     "runner_client_no_check": "runner client --no-check",
@@ -499,6 +505,8 @@ async def setup(args: argparse.Namespace, keys: list[str], procs: Processes, wor
             await library(key, hello_world_variant(hw_base, "hw_at_most_once", "at_most_once"), "encoder_decoder")
         elif key == "hello_world_uvloop":
             await library(key, hello_world_variant(hw_base, "hw_uvloop", None), "encoder_decoder", uvloop=True)
+        elif key == "hello_world_no_metrics":
+            await library(key, hello_world_variant(hw_base, "hw_no_metrics", None, metrics=False), "encoder_decoder")
         elif key == "hello_world_asyncio":
             await library(
                 key, hello_world_variant(hw_base, "hw_asyncio", None), "encoder_decoder",
