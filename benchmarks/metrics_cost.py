@@ -9,7 +9,11 @@ little), side by side:
 * ``off``: metrics disabled (the plain counts ``runner status`` shows);
 * ``multiprocess``: what workers do, values in files of ``PROMETHEUS_MULTIPROC_DIR`` (a child
   process, as the deployment starts them);
+* ``multiprocess, batching operator``: the same for an operator with ``max_batch_size`` > 1,
+  which also observes its batches' size and wait (here one request a batch, the worst case);
 * ``single process``: prometheus-client's default in-memory values, for comparison.
+
+The in-flight and queued gauges are published twice a second, not per request: not counted.
 
 Then the scrape: the deployment process's ``/metrics`` answer summing the files of ``--workers``
 workers, in CPU-ms per scrape.
@@ -38,7 +42,8 @@ _CHILD = """
 import json, sys, time
 from pipeline_runner.metrics.observers import ProcessLabels, WorkerMetrics
 mode, repeat, worker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-metrics = WorkerMetrics(None if mode == "off" else ProcessLabels("bench", "encoder", worker))
+labels = None if mode == "off" else ProcessLabels("bench", "encoder", worker)
+metrics = WorkerMetrics(labels, batches=mode == "batches")
 waits = [0.0004]
 def one_request():
     metrics.request_received()
@@ -94,6 +99,7 @@ def main() -> None:
         for _ in range(2):  # alternate the rows, so a burst of other load hits them alike
             rows.setdefault("off", []).extend(per_request_us("off", args.repeat, plain))
             rows.setdefault("multiprocess", []).extend(per_request_us("on", args.repeat, multi))
+            rows.setdefault("multiprocess, batching operator", []).extend(per_request_us("batches", args.repeat, multi))
             rows.setdefault("single process", []).extend(per_request_us("on", args.repeat, plain))
         for index in range(1, args.workers):  # the other workers' files, for the scrape
             per_request_us("on", 10_000, multi, worker=f"encoder.{index}")

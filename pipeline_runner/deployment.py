@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -269,7 +270,8 @@ class Deployment:
             from .metrics.server import MetricsServer
 
             self._metrics = MetricsServer(
-                self.run_dir / f"metrics.{os.getpid()}", config.metrics.host, config.metrics.port, self._supervised
+                # Unique: one process may run several deployments of one name (tests, --only hosts).
+                self.run_dir / f"metrics.{os.getpid()}.{uuid.uuid4().hex[:8]}", config.metrics.host, config.metrics.port, self._supervised
             )
 
     @property

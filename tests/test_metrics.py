@@ -57,9 +57,13 @@ async def test_requests_are_counted_by_outcome_and_status_reads_the_same_counts(
                     for o in ("ok", "bad_input", "operator_failed", "cancelled")}  # fmt: skip
         assert outcomes == {"ok": 3, "bad_input": 2, "operator_failed": 1, "cancelled": 0}
         assert found.value("pipeline_runner_queue_wait_seconds_count", **labels) == 6
-        assert found.value("pipeline_runner_batch_size_count", **labels) == 6
-        assert found.value("pipeline_runner_inflight_requests", **labels) == 0
-        assert found.value("pipeline_runner_queued_requests", **labels) == 0
+        assert found.value("pipeline_runner_batch_size_count", **labels) == 0  # max_batch_size 1: no batches
+        idle = await _eventually(  # the gauges are published twice a second
+            deployment.metrics_url,
+            lambda s: (s.value("pipeline_runner_inflight_requests", **labels),
+                       s.value("pipeline_runner_queued_requests", **labels)) == (0, 0),
+        )  # fmt: skip
+        assert idle.value("pipeline_runner_requests_total", **labels) == 6
         assert found.value("pipeline_runner_worker_up", **labels) == 1
         [stats] = await conn.worker_stats(expected=1)
         assert stats["served"] == 6 == found.value("pipeline_runner_requests_total", **labels)
@@ -69,7 +73,7 @@ async def test_a_killed_worker_shows_a_restart_and_a_redelivery_and_its_gauges_g
     config = make_config(op("echo", "echo:Echo", delivery=FAST))
     async with running(config, nats_url) as deployment, connected(deployment) as conn:
         labels = {"deployment": "test", "operator": "echo", "worker": "echo.0"}
-        call = asyncio.create_task(conn.operator("echo").infer(parameters={"sleep": 1.0}, timeout_s=30))
+        call = asyncio.create_task(conn.operator("echo").infer(parameters={"sleep": 3.0}, timeout_s=30))
         await _eventually(deployment.metrics_url, lambda s: s.value("pipeline_runner_inflight_requests", **labels) == 1)
         victim = deployment.workers[0]
         assert victim.pid is not None
@@ -82,8 +86,29 @@ async def test_a_killed_worker_shows_a_restart_and_a_redelivery_and_its_gauges_g
         assert found.value("pipeline_runner_worker_restarts_total", **labels) == 1
         assert found.value("pipeline_runner_redeliveries_total", **labels) == 1
         # The dead process's in-flight request is gone with it, not left in the gauge.
-        assert found.value("pipeline_runner_inflight_requests", **labels) == 0
+        found = await _eventually(
+            deployment.metrics_url, lambda s: s.value("pipeline_runner_inflight_requests", **labels) == 0
+        )
         assert found.value("pipeline_runner_worker_up", **labels) == 1
+
+
+async def test_the_batches_of_a_batching_operator_are_observed(nats_url: str) -> None:
+    config = make_config(op("batched", "echo:Batched", max_batch_size=4))
+    async with running(config, nats_url) as deployment, connected(deployment) as conn:
+        batched = conn.operator("batched")
+        # Each batch takes 50 ms: requests sent together wait for the one running and batch up.
+        responses = await asyncio.gather(*(batched.infer() for _ in range(10)))
+        sizes = [r.parameters["batch"] for r in responses]
+        assert max(sizes) > 1
+        labels = {"deployment": "test", "operator": "batched", "worker": "batched.0"}
+        found = await _eventually(
+            deployment.metrics_url, lambda s: s.value("pipeline_runner_batch_size_sum", **labels) == 10
+        )
+        # A batch of b requests answers b of them, each saying b.
+        assert found.value("pipeline_runner_batch_size_count", **labels) == round(sum(1 / b for b in sizes))
+        assert found.value("pipeline_runner_batch_wait_seconds_count", **labels) == found.value(
+            "pipeline_runner_batch_size_count", **labels
+        )
 
 
 async def test_tensors_above_the_inline_threshold_count_their_bytes_both_ways(nats_url: str) -> None:
@@ -157,3 +182,22 @@ async def test_a_metrics_port_in_use_fails_the_deploy_saying_so(nats_url: str) -
         with pytest.raises(RunnerError, match=f"metrics: cannot listen on 127.0.0.1:{port}"):
             async with running(config, nats_url):
                 pass
+
+
+def test_files_left_by_a_deployment_process_that_died_are_removed_and_others_kept(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from pipeline_runner.metrics.server import MetricsServer
+
+    dead = tmp_path / "metrics.999999999.abcd"  # no such process
+    alive = tmp_path / f"metrics.{os.getpid()}.other"  # another deployment of this process
+    for directory in (dead, alive):
+        directory.mkdir()
+        (directory / "counter_1.db").write_bytes(b"")
+    server = MetricsServer(tmp_path / f"metrics.{os.getpid()}.mine", "127.0.0.1", 0, list)
+    server.prepare()
+    assert not dead.exists() and alive.exists() and server.directory.is_dir()
+    server.start()
+    try:
+        assert "pipeline_runner_worker_up" not in scrape(server.url).names()  # no process yet: no sample
+    finally:
+        server.stop()
+    assert not server.directory.exists()

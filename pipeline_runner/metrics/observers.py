@@ -2,18 +2,23 @@
 
 Each keeps the plain counts ``runner status`` shows and, when metrics are on, writes the same
 events to prometheus-client's values; with metrics off the counts are all there is. Label values
-are resolved once per process, so an observation is a few value updates and no dict lookups
-beyond the outcome's.
+are resolved once per process. A value update costs microseconds in multiprocess mode
+(benchmarks/metrics_cost.py), so a request makes as few as its metrics need: the in-flight and
+queued gauges are plain counts published every :data:`GAUGE_PERIOD_S`, and the batch histograms
+are observed only where batches can hold more than one request.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
 #: A request's outcome: ``ok``, an error code, or one of these (its caller gave up first).
 CANCELLED = "cancelled"
 EXPIRED = "expired"
+#: How often a worker's in-flight and queued gauges are brought up to date.
+GAUGE_PERIOD_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -31,11 +36,18 @@ class ProcessLabels:
 class WorkerMetrics:
     """What one worker's serving loop reports; the source of its ``runner status`` counters."""
 
-    def __init__(self, labels: ProcessLabels | None = None):
-        """``labels`` None: count for ``runner status`` only, expose nothing."""
+    def __init__(self, labels: ProcessLabels | None = None, *, batches: bool = False):
+        """``labels`` None: count for ``runner status`` only, expose nothing.
+
+        ``batches``: the operator's batches may hold several requests (else every batch is one
+        request, and its histograms stay empty rather than repeat the request count).
+        """
         self.served = 0  # requests the operator executed
         self.cancelled = 0
         self.redelivered = 0
+        self.inflight = 0
+        self.queued = 0
+        self._batches = batches
         self._labels = labels
         self._outcomes: dict[str, Any] = {}
         if labels is None:
@@ -60,8 +72,7 @@ class WorkerMetrics:
 
     def request_received(self) -> None:
         """A request was admitted and waits for a batch."""
-        if self._labels is not None:
-            self._queued.inc()
+        self.queued += 1
 
     def request_refused(self, outcome: str) -> None:
         """A request was answered with ``outcome`` (e.g. overloaded) without being admitted."""
@@ -70,12 +81,13 @@ class WorkerMetrics:
 
     def batch_closed(self, size: int, batch_wait_s: float, queue_waits_s: list[float]) -> None:
         """``size`` admitted requests left the queue as one batch; each waited ``queue_waits_s``."""
+        self.queued -= size
+        self.inflight += size
         if self._labels is None:
             return
-        self._queued.dec(size)
-        self._inflight.inc(size)
-        self._batch_size.observe(size)
-        self._batch_wait.observe(batch_wait_s)
+        if self._batches:
+            self._batch_size.observe(size)
+            self._batch_wait.observe(batch_wait_s)
         for wait_s in queue_waits_s:
             self._queue_wait.observe(wait_s)
 
@@ -88,11 +100,23 @@ class WorkerMetrics:
         """A request of a closed batch is done with ``outcome`` after ``duration_s`` in the worker."""
         self.served += executed
         self.cancelled += outcome == CANCELLED
+        self.inflight -= 1
         if self._labels is None:
             return
         self._outcome(outcome).inc()
         self._duration.observe(duration_s)
-        self._inflight.dec()
+
+    def publish_gauges(self) -> None:
+        """Bring the in-flight and queued gauges up to date."""
+        if self._labels is not None:
+            self._inflight.set(self.inflight)
+            self._queued.set(self.queued)
+
+    async def publish_gauges_every(self, period_s: float = GAUGE_PERIOD_S) -> None:
+        """:meth:`publish_gauges` every ``period_s`` until cancelled."""
+        while True:
+            self.publish_gauges()
+            await asyncio.sleep(period_s)
 
     def _outcome(self, outcome: str) -> Any:
         child = self._outcomes.get(outcome)

@@ -23,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ..errors import RunnerError
+from ..state import is_running
 from .definitions import WORKER_LABELS, WORKER_RESTARTS, WORKER_UP
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,14 @@ class MetricsServer:
         return f"http://{host}:{self.port}/metrics"
 
     def prepare(self) -> None:
-        """An empty directory for the children's files (before any child starts)."""
+        """An empty directory for the children's files (before any child starts).
+
+        Directories of deployment processes that died without stopping (``metrics.<pid>.*``) go too.
+        """
+        for stale in self.directory.parent.glob("metrics.*"):
+            pid = stale.name.split(".")[1]
+            if stale != self.directory and pid.isdigit() and not is_running(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
         shutil.rmtree(self.directory, ignore_errors=True)
         self.directory.mkdir(parents=True)
 

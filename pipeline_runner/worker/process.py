@@ -146,8 +146,9 @@ async def run_worker(spec: WorkerSpec) -> None:
         responder=Responder(plane, data_plane, spec.worker_id),
         data_plane=data_plane,
         connection=connection,
-        metrics=WorkerMetrics(labels),
+        metrics=WorkerMetrics(labels, batches=spec.operator.max_batch_size > 1),
     )
+    gauges = asyncio.create_task(worker.metrics.publish_gauges_every())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
@@ -155,6 +156,7 @@ async def run_worker(spec: WorkerSpec) -> None:
         async with _control_subjects(spec, worker, plane, data_plane):
             await worker.serve(on_ready=lambda: report_status("ready", pid=os.getpid()))
     finally:
+        gauges.cancel()
         with contextlib.suppress(Exception):
             await operator.teardown()
         await data_plane.stop()
