@@ -172,7 +172,8 @@ class Worker:
     def _batch_closed(self, batch: list[Delivery], taken_at: float) -> None:
         """Report a batch leaving the queue (``taken_at``: when its first request was taken)."""
         now = time.monotonic()
-        waits = [now - (d.sent_at if d.sent_at is not None else d.received_at) for d in batch]
+        # sent_at comes from the work queue's clock (another host's, maybe): never below zero.
+        waits = [max(now - (d.sent_at if d.sent_at is not None else d.received_at), 0.0) for d in batch]
         self.metrics.batch_closed(len(batch), now - taken_at, waits)
 
     async def _run_batch(self, deliveries: list[Delivery]) -> None:
