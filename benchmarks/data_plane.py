@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import msgspec
 import numpy as np
 from rich.console import Console
 from rich.table import Table
@@ -50,6 +51,7 @@ MIN_SECONDS = 0.2
 
 PRODUCER = """
 import asyncio, json, sys
+import msgspec
 import numpy as np
 from pipeline_runner.data_plane.plane import DataPlane
 async def main():
@@ -57,7 +59,7 @@ async def main():
     descriptors = []
     for size in json.loads(sys.argv[1]):
         desc = await plane.publish("t", np.ones(size, np.uint8), lease_s=3600)
-        descriptors.append(desc.model_dump())
+        descriptors.append(msgspec.to_builtins(desc))
     print(json.dumps(descriptors), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await plane.stop()
@@ -92,7 +94,7 @@ async def runner_bandwidth(sizes: list[int], repeats: int) -> dict[int, float]:
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert producer.stdout is not None and producer.stdin is not None
-    descriptors = [RemoteTensor.model_validate(d) for d in json.loads(producer.stdout.readline())]
+    descriptors = [msgspec.convert(d, RemoteTensor) for d in json.loads(producer.stdout.readline())]
     plane = DataPlane()
     results: dict[int, float] = {}
     try:

@@ -1,4 +1,4 @@
-"""Wire-header codec cost: today's pydantic models against msgspec Structs of the same shape.
+"""Wire-header codec cost: the former pydantic models against protocol.py's msgspec Structs.
 
 One hello_world request builds, encodes and decodes 4 request headers and 4 response headers
 (caller -> encoder_decoder -> encoder, decoder). For each codec this measures, in CPU-µs
@@ -17,59 +17,70 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
 from rich.console import Console
 from rich.table import Table
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline_runner import protocol
 from pipeline_runner.protocol import ErrorInfo, InlineTensor, RequestHeader, ResponseHeader
 
-# --- the same headers as msgspec Structs (what a switch would look like) --------------------
-
-NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+# --- the pydantic models the headers were until issue 14 (for comparison) ---------------------
 
 
-class MInline(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind", tag="inline"):
+class _PWire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PInline(_PWire):
+    kind: Literal["inline"] = "inline"
     name: str
     dtype: str
-    shape: tuple[int, ...]
-    nbytes: NonNegative
-    offset: NonNegative
+    shape: tuple[Annotated[int, Field(ge=0)], ...]
+    nbytes: int = Field(ge=0)
+    offset: int = Field(ge=0)
 
 
-class MRemote(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind", tag="remote"):
+class PRemote(_PWire):
+    kind: Literal["remote"] = "remote"
     name: str
     dtype: str
-    shape: tuple[int, ...]
-    nbytes: NonNegative
+    shape: tuple[Annotated[int, Field(ge=0)], ...]
+    nbytes: int = Field(ge=0)
     address: str
     tensor_id: str
     memory_type: Literal["cpu", "gpu"] = "cpu"
     device_id: int = 0
 
 
-class MError(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+PDescriptor = Annotated[Union[PInline, PRemote], Field(discriminator="kind")]
+
+
+class PError(_PWire):
     code: str
     message: str
 
 
-class MRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class PRequest(_PWire):
     id: str
     reply_to: str
-    timeout_s: Annotated[float, msgspec.Meta(gt=0)]
-    parameters: dict[str, Any] = {}
-    tensors: list[MInline | MRemote] = []
+    timeout_s: float = Field(gt=0)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    tensors: list[PDescriptor] = Field(default_factory=list)
+    trace_context: dict[str, str] | None = None
 
 
-class MResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class PResponse(_PWire):
     id: str
     final: bool = True
-    error: MError | None = None
-    parameters: dict[str, Any] = {}
-    tensors: list[MInline | MRemote] = []
+    error: PError | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    tensors: list[PDescriptor] = Field(default_factory=list)
     worker: str | None = None
-    attempt: Annotated[int, msgspec.Meta(ge=1)] = 1
+    attempt: int = Field(1, ge=1)
 
 
 REQUEST_ID = "0f3c2a9b8d7e6f5a4b3c2d1e"
@@ -77,29 +88,30 @@ REPLY_TO = f"_INBOX.9a8b7c6d5e4f3a2b.{REQUEST_ID}"
 
 
 def pydantic_request() -> bytes:
-    tensor = InlineTensor(name="input", dtype="<i4", shape=(1024,), offset=0, nbytes=4096)
-    header = RequestHeader(id=REQUEST_ID, reply_to=REPLY_TO, timeout_s=29.99, parameters={"input_copies": 3}, tensors=[tensor])
+    tensor = PInline(name="input", dtype="<i4", shape=(1024,), offset=0, nbytes=4096)
+    header = PRequest(id=REQUEST_ID, reply_to=REPLY_TO, timeout_s=29.99, parameters={"input_copies": 3}, tensors=[tensor])
     return header.model_dump_json(exclude_defaults=False).encode()
 
 
 def pydantic_response() -> bytes:
-    tensor = InlineTensor(name="output", dtype="<i4", shape=(3072,), offset=0, nbytes=12288)
-    header = ResponseHeader(id=REQUEST_ID, final=True, error=None, parameters={}, tensors=[tensor], worker="encoder.0", attempt=1)
+    tensor = PInline(name="output", dtype="<i4", shape=(3072,), offset=0, nbytes=12288)
+    header = PResponse(id=REQUEST_ID, final=True, error=None, parameters={}, tensors=[tensor], worker="encoder.0", attempt=1)
     return header.model_dump_json(exclude_defaults=False).encode()
 
 
-REQ_ENC, REQ_DEC = msgspec.json.Encoder(), msgspec.json.Decoder(MRequest)
-RESP_DEC = msgspec.json.Decoder(MResponse)
+# What protocol.py does now (its checks in __post_init__ included).
+ENC = msgspec.json.Encoder()
+REQ_DEC, RESP_DEC = msgspec.json.Decoder(RequestHeader), msgspec.json.Decoder(ResponseHeader)
 
 
 def msgspec_request() -> bytes:
-    tensor = MInline(name="input", dtype="<i4", shape=(1024,), offset=0, nbytes=4096)
-    return REQ_ENC.encode(MRequest(id=REQUEST_ID, reply_to=REPLY_TO, timeout_s=29.99, parameters={"input_copies": 3}, tensors=[tensor]))
+    tensor = InlineTensor(name="input", dtype="<i4", shape=(1024,), offset=0, nbytes=4096)
+    return ENC.encode(RequestHeader(id=REQUEST_ID, reply_to=REPLY_TO, timeout_s=29.99, parameters={"input_copies": 3}, tensors=[tensor]))
 
 
 def msgspec_response() -> bytes:
-    tensor = MInline(name="output", dtype="<i4", shape=(3072,), offset=0, nbytes=12288)
-    return REQ_ENC.encode(MResponse(id=REQUEST_ID, final=True, error=None, parameters={}, tensors=[tensor], worker="encoder.0", attempt=1))
+    tensor = InlineTensor(name="output", dtype="<i4", shape=(3072,), offset=0, nbytes=12288)
+    return ENC.encode(ResponseHeader(id=REQUEST_ID, final=True, error=None, parameters={}, tensors=[tensor], worker="encoder.0", attempt=1))
 
 
 def cpu_us(fn: Callable[[], object], repeat: int, rounds: int = 5) -> float:
@@ -120,17 +132,18 @@ def main() -> None:
     args = parser.parse_args()
 
     # Both codecs read what the other writes (same JSON shape), so a switch keeps the wire format.
-    assert RequestHeader.model_validate_json(msgspec_request()) == RequestHeader.model_validate_json(pydantic_request())
+    assert PRequest.model_validate_json(msgspec_request()) == PRequest.model_validate_json(pydantic_request())
     assert REQ_DEC.decode(pydantic_request()) == REQ_DEC.decode(msgspec_request())
     assert RESP_DEC.decode(pydantic_response()).tensors[0].nbytes == 12288
-    assert ErrorInfo(code="x", message="y").code == MError(code="x", message="y").code
+    assert ErrorInfo(code="x", message="y").code == PError(code="x", message="y").code
+    assert protocol.RequestHeader is RequestHeader
 
     req_p, resp_p, req_m, resp_m = pydantic_request(), pydantic_response(), msgspec_request(), msgspec_response()
     cases = {
         "request: build + encode": (pydantic_request, msgspec_request),
-        "request: decode + validate": (lambda: RequestHeader.model_validate_json(req_p), lambda: REQ_DEC.decode(req_m)),
+        "request: decode + validate": (lambda: PRequest.model_validate_json(req_p), lambda: REQ_DEC.decode(req_m)),
         "response: build + encode": (pydantic_response, msgspec_response),
-        "response: decode + validate": (lambda: ResponseHeader.model_validate_json(resp_p), lambda: RESP_DEC.decode(resp_m)),
+        "response: decode + validate": (lambda: PResponse.model_validate_json(resp_p), lambda: RESP_DEC.decode(resp_m)),
     }
     rows = []
     for what, (p, m) in cases.items():

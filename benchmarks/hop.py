@@ -16,6 +16,11 @@ Rows (each at every ``--concurrency``, 1024 int32 per request like ``runner clie
   puts them on asyncio's own loop (``PIPELINE_RUNNER_EVENT_LOOP=asyncio``) for comparison;
   every deployment serves Prometheus metrics (the default); ``hello_world_no_metrics`` is the
   same file with ``metrics: {enabled: false}`` (nothing scrapes during the run);
+* ``echo_baseline``, ``hello_world_baseline`` (with ``--baseline PATH``): the same two on the
+  code of another checkout (``PYTHONPATH``), for before/after in one run;
+* ``hello_world_traced``: the same with tracing on in every worker and the caller (each span
+  appended to a JSON-lines file; on request, ``--rows``), beside ``hello_world`` (tracing off);
+  ``hello_world_sampled``: the same recording 1 trace in 10 (``OTEL_TRACES_SAMPLER``);
 * ``runner_client``: ``runner client`` (a subprocess on a pseudo-terminal, as a user runs it:
   answer checks and progress bar) against hello_world; on request (``--rows``) also
   ``runner_client_no_check`` (``--no-check``), ``runner_client_no_tty`` (output to a pipe,
@@ -29,6 +34,7 @@ the rows alternate, ``--rounds`` times; the table shows medians.
 
     python benchmarks/hop.py [--requests 2000] [--max-seconds 6] [--rounds 2] [--json out.json]
     python benchmarks/hop.py --quick            # a short smoke run
+    python benchmarks/hop.py --baseline /tmp/base   # also rows of another checkout's code
 """
 
 from __future__ import annotations
@@ -385,6 +391,12 @@ def ratios(results: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]
     add("hello_world CPU / raw 3-hop chain CPU", "hello_world", "raw_chain", "cpu_us_per_request", "cut 3x")
     add("hello_world CPU, metrics on / off", "hello_world", "hello_world_no_metrics", "cpu_us_per_request", "")
     add("hello_world req/s, metrics on / off", "hello_world", "hello_world_no_metrics", "req_per_s", "")
+    add("echo CPU / --baseline echo CPU", "echo", "echo_baseline", "cpu_us_per_request", "")
+    add("hello_world CPU / --baseline hello_world CPU", "hello_world", "hello_world_baseline", "cpu_us_per_request", "")
+    add("hello_world req/s / --baseline hello_world req/s", "hello_world", "hello_world_baseline", "req_per_s", "")
+    add("hello_world CPU, tracing on / off", "hello_world_traced", "hello_world", "cpu_us_per_request", "")
+    add("hello_world CPU, 1 trace in 10 / off", "hello_world_sampled", "hello_world", "cpu_us_per_request", "")
+    add("hello_world req/s, tracing on / off", "hello_world_traced", "hello_world", "req_per_s", "")
     add("runner client caller CPU / raw chain caller CPU", "runner_client", "raw_chain", "caller_cpu_us_per_request", "<= 1.5")
     return out
 
@@ -421,12 +433,21 @@ ALL_ROWS = {
     "hello_world_uvloop": "hello_world_python via library, uvloop everywhere",
     "hello_world_asyncio": "hello_world_python via library, workers on asyncio's own loop",
     "hello_world_no_metrics": "hello_world_python via library, metrics off",
+    "echo_baseline": "runner echo operator, --baseline code",
+    "hello_world_baseline": "hello_world_python via library, --baseline code",
+    "hello_world_traced": "hello_world_python via library, tracing on (every span to a file)",
+    "hello_world_sampled": "hello_world_python via library, tracing on, 1 trace in 10 recorded",
     "runner_client": "runner client -> hello_world_python",
     "runner_client_asyncio": "runner client on asyncio's own loop -> hello_world_python",
     "runner_client_no_check": "runner client --no-check",
     "runner_client_no_tty": "runner client, output to a pipe (no progress bar)",
 }
-DEFAULT_ROWS = [k for k in ALL_ROWS if k not in ("runner_client_no_check", "runner_client_no_tty", "runner_client_asyncio")]
+BASELINE_ROWS = ("echo_baseline", "hello_world_baseline")
+DEFAULT_ROWS = [
+    k for k in ALL_ROWS
+    if k not in ("runner_client_no_check", "runner_client_no_tty", "runner_client_asyncio",
+                 "hello_world_traced", "hello_world_sampled", *BASELINE_ROWS)
+]  # fmt: skip
 
 
 async def setup(args: argparse.Namespace, keys: list[str], procs: Processes, workdir: Path, stack: contextlib.AsyncExitStack) -> tuple[str, list[Row]]:
@@ -501,6 +522,19 @@ async def setup(args: argparse.Namespace, keys: list[str], procs: Processes, wor
             await library(key, config, "echo")
         elif key == "hello_world":
             hw = await library(key, hw_base, "encoder_decoder")
+        elif key in BASELINE_ROWS:
+            # Another checkout's code, side by side with this one: its package and operators
+            # come first on the workers' and the caller's path.
+            env = {"PYTHONPATH": str(args.baseline)}
+            if key == "echo_baseline":
+                config = DeploymentConfig.model_validate({
+                    "name": "hop_echo_baseline", "working_dir": str(args.baseline),
+                    "operators": [{"name": "echo", "implementation": "operators.echo.echo:Echo", "max_inflight_requests": 128}],
+                })  # fmt: skip
+                await library(key, config, "echo", env=env)
+            else:
+                config = hello_world_variant(hw_base, "hw_baseline", None).model_copy(update={"working_dir": str(args.baseline)})
+                await library(key, config, "encoder_decoder", env=env)
         elif key == "hello_world_amo":
             await library(key, hello_world_variant(hw_base, "hw_at_most_once", "at_most_once"), "encoder_decoder")
         elif key == "hello_world_uvloop":
@@ -511,6 +545,17 @@ async def setup(args: argparse.Namespace, keys: list[str], procs: Processes, wor
             await library(
                 key, hello_world_variant(hw_base, "hw_asyncio", None), "encoder_decoder",
                 env={"PIPELINE_RUNNER_EVENT_LOOP": "asyncio"},
+            )  # fmt: skip
+        elif key == "hello_world_traced":
+            await library(
+                key, hello_world_variant(hw_base, "hw_traced", None), "encoder_decoder",
+                env={"PIPELINE_RUNNER_TRACE_FILE": str(workdir / "spans.jsonl")},
+            )  # fmt: skip
+        elif key == "hello_world_sampled":
+            await library(
+                key, hello_world_variant(hw_base, "hw_sampled", None), "encoder_decoder",
+                env={"PIPELINE_RUNNER_TRACE_FILE": str(workdir / "sampled.jsonl"),
+                     "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
             )  # fmt: skip
         elif key.startswith("runner_client"):
             rows.append(Row(key, ALL_ROWS[key], None, {**base_roles, **deployment_roles(hw)}))
@@ -596,7 +641,15 @@ def main() -> None:
     parser.add_argument("--rows", type=lambda s: s.split(","), default=DEFAULT_ROWS, help=f"comma-separated subset of {','.join(ALL_ROWS)} (default: all but the runner_client_no_* variants)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (few requests, 1 and 8 in flight)")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--baseline", type=Path, help="another checkout (e.g. `git worktree add /tmp/base main`): adds its echo and hello_world rows")
     args = parser.parse_args()
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()
+        if not (args.baseline / "pipeline_runner").is_dir():
+            parser.error(f"--baseline {args.baseline} is not a pipeline_runner checkout")
+        args.rows += [k for k in BASELINE_ROWS if k not in args.rows]
+    elif set(BASELINE_ROWS) & set(args.rows):
+        parser.error(f"rows {', '.join(BASELINE_ROWS)} need --baseline PATH")
     unknown = set(args.rows) - set(ALL_ROWS)
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; choose from {', '.join(ALL_ROWS)}")

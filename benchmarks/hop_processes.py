@@ -232,8 +232,10 @@ async def make_call(args: argparse.Namespace) -> tuple[Callable[[], Awaitable[No
 
         return call, nc.close
 
-    from pipeline_runner import Connection  # the library: only in library callers
+    from pipeline_runner import Connection, tracing  # the library: only in library callers
+    from pipeline_runner.tracing.settings import resolve_tracing
 
+    tracing.configure(resolve_tracing(None), "hop-caller")  # on where the row's environment says so
     conn = await Connection.connect(args.url, args.deployment, default_timeout_s=CALL_TIMEOUT_S)
     op = conn.operator(args.operator)
     name = "x" if args.operator == "echo" else "input"

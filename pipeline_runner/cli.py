@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from . import tracing
 from .errors import ConfigError, RunnerError
 from .nats_security import redact_url
 from .process import use_fast_event_loop
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from .config import DeploymentConfig
 
 EXIT_CONFIG = 2
+# runner client redraws its progress bar this often (rich defaults to 10 a second).
+_PROGRESS_REDRAWS_PER_S = 4
 console = Console(stderr=True)
 
 
@@ -86,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--wait", type=float, default=0.0, metavar="S", help="wait up to S seconds for the deployment to come up")
     p.add_argument("--data-plane-host", metavar="ADDR", help="interface this client's data plane listens on for large inputs (default: the deployment's setting)")
+    p.add_argument("--trace", type=_positive_int, nargs="?", const=5, metavar="N", help="trace every request and show where the N slowest spent their time, hop by hop (default 5; needs a deployment that records traces, see README \"Traces\")")
     p.set_defaults(func=_cmd_client)
 
     p = sub.add_parser("validate", help="check a deployment file and print it normalized")
@@ -450,7 +454,8 @@ def _print_banner(deployment: Any) -> None:
         + (f"  HTTP: {deployment.http_url}\n" if deployment.http_url else "")
         + (f"  metrics: {deployment.metrics_url}\n" if deployment.metrics_url else "")
         + f"  logs:  {deployment.log_dir}\n"
-        f"  try:   runner client --requests 100\n"
+        + (f"  traces: {deployment.trace_file} (runner client --trace)\n" if deployment.trace_file else "")
+        + f"  try:   runner client --requests 100\n"
         f"Press Ctrl-C to stop.",
         flush=True,
     )
@@ -486,6 +491,7 @@ async def _client(args: argparse.Namespace) -> int:
     deployment = args.deployment
     nats_url = args.nats
     data_plane = None
+    trace_file: str | None = None
     if nats_url is None or deployment is None:
         try:
             state = wait_for_deployment(deployment, args.wait) if args.wait else find_deployment(deployment)
@@ -496,6 +502,7 @@ async def _client(args: argparse.Namespace) -> int:
         nats_url = nats_url or state.nats_url
         deployment = deployment or state.name
         data_plane = state.data_plane
+        trace_file = state.trace_file if state.name == deployment else None
         served = sorted({w.operator for w in state.workers})
         if state.name == deployment and args.operator not in served:
             raise RunnerError(
@@ -507,6 +514,8 @@ async def _client(args: argparse.Namespace) -> int:
         from .config import DataPlaneConfig
 
         data_plane = (data_plane or DataPlaneConfig()).model_copy(update={"host": args.data_plane_host})
+    trace_settings = _client_tracing(trace_file, deployment, args.trace is not None)
+    tracing.configure(trace_settings, "runner-client", {"pipeline_runner.deployment": deployment})
     connection = await Connection.connect(
         nats_url, deployment, default_timeout_s=args.timeout, data_plane=data_plane
     )
@@ -524,31 +533,96 @@ async def _client(args: argparse.Namespace) -> int:
             TimeElapsedColumn(),
             console=console,
             transient=False,
+            refresh_per_second=_PROGRESS_REDRAWS_PER_S,
         ) as progress:
             task = progress.add_task("requests", total=args.requests, errors=0)
-            errors = 0
+            done, errors = 0, 0
 
             def on_done(ok: bool) -> None:
-                nonlocal errors
+                # Counted here, shown by show_progress: rich's update per request (a lock and a
+                # speed sample) cost the client more than its own load loop.
+                nonlocal done, errors
+                done += 1
                 errors += not ok
-                progress.update(task, advance=1, errors=errors)
 
-            result = await run_load_test(
-                operator,
-                requests=args.requests,
-                concurrency=args.concurrency,
-                inputs=inputs,
-                parameters=parameters,
-                timeout_s=args.timeout,
-                check=not args.no_check,
-                on_done=on_done,
-            )
+            async def show_progress() -> None:
+                while True:
+                    progress.update(task, completed=done, errors=errors)
+                    await asyncio.sleep(1 / _PROGRESS_REDRAWS_PER_S)
+
+            shower = asyncio.create_task(show_progress())
+            try:
+                result = await run_load_test(
+                    operator,
+                    requests=args.requests,
+                    concurrency=args.concurrency,
+                    inputs=inputs,
+                    parameters=parameters,
+                    timeout_s=args.timeout,
+                    check=not args.no_check,
+                    on_done=on_done,
+                )
+            finally:
+                shower.cancel()
+                progress.update(task, completed=done, errors=errors)
     finally:
         await connection.close()
+        tracing.shutdown()
     _print_result(result)
+    if args.trace is not None and trace_settings is not None:
+        _print_slowest(result.slowest(args.trace), trace_settings)
     if args.json:
         args.json.write_text(json.dumps(result.summary(), indent=2) + "\n")
     return 0 if result.ok == result.requests else 1
+
+
+def _client_tracing(trace_file: str | None, deployment: str, asked: bool) -> Any:
+    """How this client traces: into the deployment's span file, else as OTEL_* say (None: not at all)."""
+    from .tracing.settings import TracingSettings, resolve_tracing
+
+    settings = TracingSettings("file", Path(trace_file)) if trace_file else resolve_tracing(None)
+    if asked and settings is None:
+        raise RunnerError(
+            f"--trace: deployment {deployment!r} records no traces here; deploy it with tracing on "
+            "(a `tracing:` section with exporter: file, or PIPELINE_RUNNER_TRACE_FILE=PATH), or set "
+            "OTEL_TRACES_EXPORTER=otlp here to send this client's spans to your collector"
+        )
+    return settings
+
+
+def _print_slowest(slowest: list[Any], settings: Any) -> None:
+    """Where the slowest requests spent their time (from the span file), or their trace ids."""
+    out = Console()
+    if settings.file is None:
+        out.print(f"slowest requests (look them up in your tracing backend, exporter {settings.exporter}):")
+        for rank, traced in enumerate(slowest, 1):
+            out.print(f"  {rank}. {traced.latency_s * 1000:.2f} ms  trace {traced.trace_id}")
+        return
+    from .tracing.breakdown import hop_timings
+    from .tracing.file_exporter import wait_for_spans
+
+    spans = wait_for_spans(settings.file, {t.trace_id for t in slowest})
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    table = Table(title=f"where the {len(slowest)} slowest requests spent their time (ms)", show_header=True)
+    for name in ("request", "hop (worker)", "queue", "execute", "calls", "fetch"):
+        table.add_column(name, justify="left" if name in ("request", "hop (worker)") else "right")
+    for rank, traced in enumerate(slowest, 1):
+        hops = hop_timings(spans, traced.trace_id)
+        label = f"{rank}. {traced.latency_s * 1000:.2f}"
+        if not hops:
+            table.add_row(label, "(no spans from the workers)", "", "", "", "", end_section=True)
+            continue
+        for i, hop in enumerate(hops):
+            table.add_row(label if i == 0 else "", "  " * hop.depth + hop.worker, ms(hop.queue_ms),
+                          ms(hop.execute_ms), ms(hop.calls_ms), ms(hop.fetch_ms), end_section=i == len(hops) - 1)
+    out.print(table)
+    out.print("queue: from the caller's send to the start of execute (NATS, work queue, worker queue); "
+              "calls / fetch: the part of execute spent waiting on downstream operators / the data plane")
+    for rank, traced in enumerate(slowest, 1):
+        out.print(f"  {rank}. trace {traced.trace_id}")
 
 
 def _print_result(result: Any) -> None:

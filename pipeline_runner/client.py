@@ -11,8 +11,17 @@ from typing import Any
 
 import numpy as np
 
+from . import tracing
 from .errors import OperatorError, RequestTimeoutError, RunnerError
 from .remote import RemoteOperator
+
+
+@dataclass(frozen=True, slots=True)
+class TracedRequest:
+    """A successful request sent while tracing was on: its latency and its trace."""
+
+    latency_s: float
+    trace_id: str
 
 
 @dataclass
@@ -27,6 +36,12 @@ class LoadTestResult:
     duration_s: float = 0.0
     latencies_s: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
+    #: Successful requests with their trace ids, when tracing was on.
+    traced: list[TracedRequest] = field(default_factory=list)
+
+    def slowest(self, count: int) -> list[TracedRequest]:
+        """The ``count`` slowest traced requests, slowest first."""
+        return sorted(self.traced, key=lambda t: t.latency_s, reverse=True)[:count]
 
     @property
     def throughput(self) -> float:
@@ -94,9 +109,19 @@ async def run_load_test(
     result = LoadTestResult(requests=requests, concurrency=concurrency)
     counter = iter(range(requests))
 
-    async def one(index: int) -> None:
+    async def traced(index: int) -> None:
+        from .tracing.spans import root_span
+
+        with root_span("runner client request", {"pipeline_runner.operator": operator.name}) as trace_id:
+            latency = await one(index)
+        if latency is not None:
+            result.traced.append(TracedRequest(latency, trace_id))
+
+    async def one(index: int) -> float | None:
+        """Send request ``index``; its latency when it succeeded."""
         expected = inputs[index % len(inputs)]
         started = time.perf_counter()
+        latency = None
         try:
             response = await operator.infer({"input": expected}, parameters=parameters, timeout_s=timeout_s)
             try:
@@ -115,15 +140,19 @@ async def run_load_test(
             result.errors[str(exc)] += 1
             ok = False
         else:
+            latency = time.perf_counter() - started
             result.ok += 1
-            result.latencies_s.append(time.perf_counter() - started)
+            result.latencies_s.append(latency)
             ok = True
         if on_done:
             on_done(ok)
+        return latency
+
+    send = traced if tracing.active() else one
 
     async def lane() -> None:
         for index in counter:
-            await one(index)
+            await send(index)
 
     started = time.perf_counter()
     await asyncio.gather(*(lane() for _ in range(min(concurrency, requests))))

@@ -137,6 +137,15 @@ class DataPlaneConfig(_Model):
     fetch_timeout_s: float = Field(
         30.0, gt=0, description="Longest a consumer waits for one tensor fetch."
     )
+    parallel_fetches: int = Field(
+        2,
+        ge=1,
+        le=1024,
+        description=(
+            "Fetches of 1 MiB and more into host memory that one process runs at once; the "
+            "others wait their turn (in arrival order, within their deadline)."
+        ),
+    )
 
 
 class DeliveryConfig(_Model):
@@ -281,6 +290,35 @@ class MetricsConfig(_Model):
     enabled: bool = Field(True, description="Serve Prometheus metrics (runner deploy prints the URL).")
     host: str = Field("127.0.0.1", min_length=1, description="Interface to bind; loopback unless told otherwise.")
     port: int = Field(0, ge=0, le=65535, description="TCP port; 0 picks a free one (printed, and in runner status).")
+class TracingConfig(_Model):
+    """OpenTelemetry traces of every request across its hops; the OTEL_* environment variables also turn them on."""
+
+    enabled: bool = Field(False, description="Export spans (off: tracing costs nothing).")
+    exporter: Literal["otlp", "console", "file"] = Field(
+        "otlp",
+        description=(
+            "Where spans go: an OTLP collector (OTEL_EXPORTER_OTLP_ENDPOINT, default localhost:4318; "
+            "needs the [otlp] extra), the process's output, or JSON lines appended to `file`."
+        ),
+    )
+    file: str | None = Field(
+        None, min_length=1, description="JSON-lines span file of the file exporter, relative to working_dir."
+    )
+    sample_ratio: float = Field(
+        1.0, ge=0.0, le=1.0, description="Fraction of new traces recorded; downstream hops follow the caller."
+    )
+
+    @model_validator(mode="after")
+    def _file_exporter_needs_a_file(self) -> TracingConfig:
+        if self.exporter == "file" and self.file is None:
+            raise ValueError("exporter 'file' needs `file` (the JSON-lines file spans are appended to)")
+        return self
+
+    def with_file_under(self, root: Path) -> TracingConfig:
+        """This section with ``file`` resolved against ``root`` (what other processes are told)."""
+        if self.file is None:
+            return self
+        return self.model_copy(update={"file": str((root / self.file).resolve())})
 
 
 class OperatorConfig(_Model):
@@ -492,6 +530,7 @@ class DeploymentConfig(_Model):
     metrics: MetricsConfig = Field(
         default_factory=MetricsConfig, description="Prometheus metrics of the workers, the HTTP front door and the deployment."
     )
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
 
     _source: Path | None = PrivateAttr(None)
 

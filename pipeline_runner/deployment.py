@@ -273,6 +273,7 @@ class Deployment:
                 # Unique: one process may run several deployments of one name (tests, --only hosts).
                 self.run_dir / f"metrics.{os.getpid()}.{uuid.uuid4().hex[:8]}", config.metrics.host, config.metrics.port, self._supervised
             )
+        self._trace_file_path: str | None = None  # the span file, when tracing exports to one
 
     @property
     def workers(self) -> list[WorkerProcess]:
@@ -317,6 +318,7 @@ class Deployment:
         try:
             # Before anything starts: a device that cannot be had fails the deploy at once.
             await self._placer.acheck(self.operators)
+            self._trace_file_path = self._trace_file()  # bad OTEL_* settings fail it too
             if self._serves_http():
                 self._bind_http()
             if self._metrics is not None:  # a port in use fails the deploy before any worker starts
@@ -423,6 +425,7 @@ class Deployment:
             device=placement.device,
             gpu=placement.gpu,
             metrics_dir=self._metrics_dir(),
+            tracing=self.config.tracing.with_file_under(self.config.root),
         )
         log_file = None if str(self.log_dir) == LOG_TO_OUTPUT else self.log_dir / f"{op.name}.{index}.log"
         return WorkerProcess(spec, log_file, self.config.root)
@@ -500,6 +503,17 @@ class Deployment:
         ready = bool(workers) and all(workers.values()) and not self._stopping
         return ready, {"workers": workers}
 
+    @property
+    def trace_file(self) -> str | None:
+        """The JSON-lines file the workers append their spans to, when tracing exports to one."""
+        return self._trace_file_path
+
+    def _trace_file(self) -> str | None:
+        from .tracing.settings import resolve_tracing
+
+        settings = resolve_tracing(self.config.tracing.with_file_under(self.config.root))
+        return str(settings.file) if settings is not None and settings.file is not None else None
+
     def state(self) -> DeploymentState:
         if self.nats_url is None:
             raise RunnerError("deployment is not started")
@@ -514,6 +528,7 @@ class Deployment:
             data_plane=self.config.data_plane,
             started_at=self.started_at,
             workers=[w.state() for w in self._workers],
+            trace_file=self._trace_file_path,
         )
 
 

@@ -25,6 +25,7 @@ from .tensor import Tensor, TensorLike
 if TYPE_CHECKING:
     from .data_plane.plane import DataPlane
     from .reply import Reply
+    from .tracing.spans import RequestTrace
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class Request:
         deadline: float,
         reply: Reply,
         device: Literal["cpu", "gpu"] = "cpu",
+        trace: RequestTrace | None = None,
     ):
         self.id = request_id
         self.parameters = parameters
@@ -80,6 +82,8 @@ class Request:
         self.deadline = deadline  # time.monotonic() value
         #: The serving worker's device: where :meth:`array` puts inputs by default.
         self.device = device
+        #: The caller's trace context, when tracing is on (the worker continues the trace).
+        self.trace = trace
         self._reply = reply
         self._final_sent = False
         self._cancelled = False

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+import time
+from collections.abc import AsyncGenerator, Mapping
+from typing import TYPE_CHECKING, Any
 
+from . import tracing
 from .config import DataPlaneConfig
-from .context import current_context
+from .context import ServingContext, current_context
 from .data_plane.plane import DataPlane
 from .errors import OperatorError, RequestTimeoutError, RunnerError
 from .nats_security import NatsClientOptions
@@ -15,6 +17,9 @@ from .operator import Response
 from .protocol import RequestHeader, encode_message
 from .request_plane import RequestPlane, cancel_subject, operator_subject, stats_subject
 from .tensor import TensorLike, check_payload, decode_tensors, encode_tensors
+
+if TYPE_CHECKING:
+    from .tracing.spans import CallSpan
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -95,19 +100,32 @@ class RemoteOperator:
             )
         return connection
 
-    async def call(
+    def call(
         self,
         inputs: Mapping[str, TensorLike] | None = None,
         *,
         parameters: Mapping[str, Any] | None = None,
         timeout_s: float | None = None,
-    ) -> AsyncIterator[Response]:
+    ) -> AsyncGenerator[Response, None]:
         """Send a request and yield its responses; the last one yielded is final.
 
         Raises :class:`OperatorError` when the operator answers with an error and
-        :class:`RequestTimeoutError` when no final response arrives in time.
+        :class:`RequestTimeoutError` when no final response arrives in time. Inside a worker
+        a call left open when the request being served ends is closed (and cancelled) then.
         """
         context = current_context()
+        call = self._call(context, inputs, parameters, timeout_s)
+        if context.calls is not None:
+            context.calls.track(call)
+        return call
+
+    async def _call(
+        self,
+        context: ServingContext,
+        inputs: Mapping[str, TensorLike] | None,
+        parameters: Mapping[str, Any] | None,
+        timeout_s: float | None,
+    ) -> AsyncGenerator[Response, None]:
         connection = self.connection
         plane, data_plane = connection.plane, connection.data_plane
         subject = operator_subject(connection.deployment, self.name, self.version)
@@ -117,14 +135,22 @@ class RemoteOperator:
         came_back: set[tuple[str, str]] = set()
         sent_id: str | None = None
         final_seen = False
+        span: CallSpan | None = None
+        error: BaseException | None = None
         try:
             async with plane.open_stream(timeout) as stream:
+                if tracing.active():
+                    from .tracing.spans import CallSpan
+
+                    span = CallSpan(self.name, self.version, stream.request_id)
                 header = RequestHeader(
                     id=stream.request_id,
                     reply_to=stream.reply_to,
                     timeout_s=stream.timeout_s,
                     parameters=dict(parameters or {}),
                     tensors=encoded.descriptors,
+                    trace_context=span.carrier if span is not None else None,
+                    sent_at=time.time() if span is not None else None,
                 )
                 payload = encode_message(header, encoded.buffers)
                 check_payload(len(payload), plane.max_payload, encoded.descriptors, f"request to {self.name!r}")
@@ -136,7 +162,7 @@ class RemoteOperator:
                     async for response, body in stream:
                         if response.error is not None:
                             raise OperatorError(self.name, response.error.code, response.error.message)
-                        outputs = decode_tensors(response.tensors, body, data_plane)
+                        outputs = decode_tensors(response.tensors, body, data_plane, stream.deadline)
                         remote = [t.descriptor for t in outputs.values() if t.descriptor is not None]
                         came_back.update((d.address, d.tensor_id) for d in remote)
                         if scope is not None:
@@ -148,7 +174,12 @@ class RemoteOperator:
                         )  # fmt: skip
                 except RequestTimeoutError as exc:
                     raise RequestTimeoutError(f"operator {self.name!r} (v{self.version}): {exc}") from None
+        except Exception as exc:
+            error = exc
+            raise
         finally:
+            if span is not None:
+                span.end(error, cancelled=not final_seen and error is None)
             if sent_id is not None and not final_seen:
                 # Cancelled, abandoned or timed out: let the operator stop working on it.
                 with contextlib.suppress(Exception):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import secrets
@@ -45,6 +46,9 @@ _CONFIRM_EVERY_S = 0.5
 # Detect a server that vanished without closing the connection (a host crash) within ~30 s.
 _PING_INTERVAL_S = 10
 _MAX_OUTSTANDING_PINGS = 3
+# How long nats-py itself waits for the PONG of a round trip we start: past the ~40 s in which a
+# silent server is taken for gone and the connection is replaced (which drops the wait).
+_PONG_WAIT_S = _PING_INTERVAL_S * (_MAX_OUTSTANDING_PINGS + 2)
 
 
 def operator_subject(deployment: str, operator: str, version: int) -> str:
@@ -72,7 +76,11 @@ class RequestPlane:
 
     def __init__(self, nc: NATS):
         self._nc = nc
-        self._inbox_prefix = f"_INBOX.{secrets.token_hex(8)}"
+        # Request ids: unique across callers (cancels go to every worker of an operator), so a
+        # random prefix per connection, then a counter (no random bytes per request).
+        self._id_prefix = secrets.token_hex(8)
+        self._ids = itertools.count(1)
+        self._inbox_prefix = f"_INBOX.{self._id_prefix}"
         self._inbox_sub: Subscription | None = None
         self._streams: dict[str, ResponseStream] = {}
         #: Responses that arrived after their request had ended (e.g. a second final answer
@@ -87,6 +95,8 @@ class RequestPlane:
         self._confirmed_at = 0.0  # when the last flush that came back was sent
         self._confirmer: asyncio.Task[None] | None = None
         self._resending: set[asyncio.Task[None]] = set()
+        # Round trips (PING/PONG) in flight: task -> reconnect count when it began.
+        self._round_trips: dict[asyncio.Task[None], int] = {}
 
     @classmethod
     async def connect(
@@ -122,6 +132,7 @@ class RequestPlane:
             last_error = ""
             log.info("reconnected to NATS")
             if planes:
+                planes[0]._drop_old_round_trips()
                 planes[0]._resend_open_requests()
                 await planes[0]._republish_journal()
 
@@ -176,11 +187,23 @@ class RequestPlane:
     def max_payload(self) -> int:
         return self._nc.max_payload
 
+    @property
+    def open_calls(self) -> int:
+        """Requests sent from this connection still waiting for their final response."""
+        return len(self._streams)
+
     async def close(self, timeout_s: float = 2.0) -> None:
         """Drain subscriptions and close the connection (at once when NATS is unreachable)."""
         if self._confirmer is not None:
             self._confirmer.cancel()
             self._confirmer = None
+        try:
+            await self._close_connection(timeout_s)
+        finally:
+            for task in list(self._round_trips):  # only now: cancelled earlier, a late PONG would break the drain
+                task.cancel()
+
+    async def _close_connection(self, timeout_s: float) -> None:
         if self._nc.is_closed:
             return
         try:
@@ -203,7 +226,7 @@ class RequestPlane:
 
     def open_stream(self, timeout_s: float) -> ResponseStream:
         """A stream for one request's responses, with a fresh id and reply subject."""
-        request_id = secrets.token_hex(12)
+        request_id = f"{self._id_prefix}{next(self._ids):x}"
         stream = ResponseStream(self, request_id, f"{self._inbox_prefix}.{request_id}", timeout_s)
         self._streams[request_id] = stream
         return stream
@@ -243,7 +266,8 @@ class RequestPlane:
             pending_msgs_limit=1_000_000,
             pending_bytes_limit=1 << 30,
         )
-        await self._nc.flush(timeout=5)
+        if not await self.round_trip(timeout_s=5):
+            raise RunnerError(f"the NATS server did not confirm the subscription to {subject} within 5 s")
         return sub
 
     async def stop_serving(self, sub: Subscription, timeout_s: float = 2.0) -> None:
@@ -323,10 +347,38 @@ class RequestPlane:
             if not self._journal or not self._nc.is_connected:
                 continue
             sent = time.monotonic()
-            with contextlib.suppress(Exception):
-                await self._nc.flush(timeout=2)
+            if await self.round_trip(timeout_s=2):
                 self._confirmed_at = sent
             self._trim_journal()
+
+    async def round_trip(self, timeout_s: float) -> bool:
+        """Whether the server answers a PING within ``timeout_s`` (so it has everything sent before).
+
+        Unlike ``flush(timeout=...)``, a round trip that takes too long is never cancelled: with
+        nats-py (2.16) the late PONG of a cancelled flush raises InvalidStateError in its read
+        loop, which ends it, and the connection goes deaf without reconnecting. It is left to
+        finish; a reconnect drops it (see ``_drop_old_round_trips``).
+        """
+        if self._nc.is_closed:
+            return False
+        task = asyncio.create_task(self._nc.flush(timeout=_PONG_WAIT_S))
+        self._round_trips[task] = self._nc.stats["reconnects"]
+        task.add_done_callback(self._round_trip_ended)
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        return bool(done) and not task.cancelled() and task.exception() is None
+
+    def _round_trip_ended(self, task: asyncio.Task[None]) -> None:
+        self._round_trips.pop(task, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: a failed round trip is an answer, not an error to log
+
+    def _drop_old_round_trips(self) -> None:
+        # A reconnect gave nats-py a fresh list of awaited PONGs: those begun on the old
+        # connection will never come, and cancelling them is safe now.
+        reconnects = self._nc.stats["reconnects"]
+        for task, began in list(self._round_trips.items()):
+            if began < reconnects:
+                task.cancel()
 
     async def _republish_journal(self) -> None:
         for _, subject, payload in list(self._journal):
@@ -350,7 +402,12 @@ class ResponseStream:
         self.reply_to = reply_to
         self.timeout_s = timeout_s
         self.deadline = time.monotonic() + timeout_s
-        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        # Messages arrive from the subscription's callback; the one reader waits on a future
+        # woken by the next message or by the deadline's timer (one timer per request, rather
+        # than a Queue.get task and a timer per message under asyncio.wait_for).
+        self._arrived: deque[Msg] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._subject = ""
         self._payload = b""
         self._done = False
@@ -364,7 +421,33 @@ class ResponseStream:
         return max(0.0, self.deadline - time.monotonic())
 
     def _deliver(self, msg: Msg) -> None:
-        self._queue.put_nowait(msg)
+        self._arrived.append(msg)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._wake()
+
+    async def _next(self) -> Msg:
+        """The next message to this request; TimeoutError once the deadline has passed."""
+        while not self._arrived:
+            left = self.time_left()
+            if left <= 0:
+                raise TimeoutError
+            loop = asyncio.get_running_loop()
+            if self._timer is None:  # armed once per request (again only if it fired early)
+                self._timer = loop.call_later(left, self._on_timer)
+            self._waiter = loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._arrived.popleft()
 
     async def send(self, subject: str, payload: bytes) -> None:
         """Publish the request, whose size the caller checked (see ``tensor.check_payload``);
@@ -391,6 +474,9 @@ class ResponseStream:
 
     def close(self) -> None:
         self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._plane._forget(self.request_id)
 
     async def __aenter__(self) -> ResponseStream:
@@ -409,11 +495,8 @@ class ResponseStream:
         nobody_serves = False
         try:
             while not self._done:
-                left = self.time_left()
                 try:
-                    if left <= 0:
-                        raise TimeoutError
-                    msg = await asyncio.wait_for(self._queue.get(), timeout=left)
+                    msg = await self._next()
                 except TimeoutError:
                     raise RequestTimeoutError(self._timeout_message(nobody_serves)) from None
                 if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:

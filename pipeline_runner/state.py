@@ -41,6 +41,8 @@ class DeploymentState(BaseModel):
     data_plane: DataPlaneConfig = DataPlaneConfig()
     started_at: float
     workers: list[WorkerState] = []
+    #: Where the workers append their spans, when tracing exports to a file (``runner client --trace``).
+    trace_file: str | None = None
 
 
 def state_dir() -> Path:

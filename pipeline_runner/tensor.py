@@ -17,8 +17,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
 
+import msgspec
 import numpy as np
 
+from . import tracing
 from .context import current_context
 from .errors import PayloadTooLargeError, ProtocolError, RequestTooLargeError
 from .kernels.xp import to_device
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
 class Tensor:
     """A named n-dimensional array, fetched from its producer on first access."""
 
-    __slots__ = ("name", "_array", "_remote", "_data_plane")
+    __slots__ = ("name", "_array", "_remote", "_data_plane", "_request_deadline")
 
     def __init__(
         self,
@@ -45,6 +47,7 @@ class Tensor:
         array: Any = None,
         remote: RemoteTensor | None = None,
         data_plane: DataPlane | None = None,
+        request_deadline: float | None = None,
     ):
         if array is None and remote is None:
             raise ValueError("a Tensor needs an array or a remote descriptor")
@@ -52,6 +55,9 @@ class Tensor:
         self._array = array
         self._remote = remote
         self._data_plane = data_plane
+        #: ``time.monotonic()`` deadline of the request whose response carried the tensor (its
+        #: producer's lease on it ends shortly after).
+        self._request_deadline = request_deadline
 
     @property
     def dtype(self) -> np.dtype | str:
@@ -91,7 +97,19 @@ class Tensor:
                     "and no data plane is configured in this process"
                 )
             deadline = current_context().deadline
-            self._array = await self._data_plane.fetch(self._remote, memory_type, deadline=deadline)
+            remote = self._remote
+            request_deadline = self._request_deadline
+            if tracing.active():
+                from .tracing.spans import fetch_span
+
+                with fetch_span(self.name, remote.nbytes, memory_type, remote.address):
+                    self._array = await self._data_plane.fetch(
+                        remote, memory_type, deadline=deadline, request_deadline=request_deadline
+                    )
+            else:
+                self._array = await self._data_plane.fetch(
+                    remote, memory_type, deadline=deadline, request_deadline=request_deadline
+                )
         return _on(self._array, memory_type)
 
     def __repr__(self) -> str:
@@ -111,9 +129,13 @@ def _on(array: Any, memory_type: str) -> Any:
 
 
 def decode_tensors(
-    descriptors: list[TensorDescriptor], body: memoryview, data_plane: DataPlane | None = None
+    descriptors: list[TensorDescriptor],
+    body: memoryview,
+    data_plane: DataPlane | None = None,
+    request_deadline: float | None = None,
 ) -> dict[str, Tensor]:
-    """Tensor handles for the descriptors of a received message."""
+    """Tensor handles for the descriptors of a received message (a response to a request with
+    ``request_deadline``, whose remote tensors can be fetched until shortly after it)."""
     tensors: dict[str, Tensor] = {}
     for desc in descriptors:
         if desc.name in tensors:
@@ -121,7 +143,9 @@ def decode_tensors(
         if isinstance(desc, InlineTensor):
             tensors[desc.name] = Tensor(desc.name, array=inline_array(desc, body))
         else:
-            tensors[desc.name] = Tensor(desc.name, remote=desc, data_plane=data_plane)
+            tensors[desc.name] = Tensor(
+                desc.name, remote=desc, data_plane=data_plane, request_deadline=request_deadline
+            )
     return tensors
 
 
@@ -148,7 +172,7 @@ async def encode_tensors(
     for name, value in tensors.items():
         if isinstance(value, Tensor):
             if value.descriptor is not None:
-                encoded.forwarded.append(value.descriptor.model_copy(update={"name": name}))
+                encoded.forwarded.append(msgspec.structs.replace(value.descriptor, name=name))
                 continue
             value = value._array
         if data_plane is not None and data_plane.should_publish(value):

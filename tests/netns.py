@@ -44,11 +44,65 @@ def _ip(*args: str, netns: str | None = None) -> None:
         raise RuntimeError(f"{' '.join(argv)}: {result.stderr.strip()}")
 
 
+def can_impair_links() -> str | None:
+    """None when links can be made lossy and slow here (nftables and ``tc tbf``); else why not.
+
+    ``tc netem`` would add delay too, but kernels built without ``sch_netem`` (as on this
+    project's CI machines) have only the rate limiter, whose queue is what delays packets.
+    """
+    probe = f"prtc{os.getpid()}"
+    try:
+        _ip("netns", "add", probe)
+    except (FileNotFoundError, RuntimeError) as exc:
+        return f"cannot create a namespace: {exc}"
+    try:
+        _nft(_loss_rules(1), netns=probe)
+        _tc("qdisc", "add", "dev", "lo", "root", "tbf", "rate", "1mbit", "burst", "64kb", "latency", "200ms",
+            netns=probe)
+        return None
+    except FileNotFoundError as exc:
+        return f"{exc.filename} is not installed (apt-get install nftables iproute2)"
+    except RuntimeError as exc:
+        return str(exc)
+    finally:
+        subprocess.run(["ip", "netns", "delete", probe], capture_output=True, timeout=10)
+
+
+_FAULTS = "prfaults"
+
+
+def _loss_rules(percent: int) -> str:
+    """nftables rules dropping ``percent`` % of the packets coming in and going out, at random."""
+    drop = f"numgen random mod 100 < {percent} drop"
+    return (
+        f"table inet {_FAULTS} {{\n"
+        f"  chain inbound {{\n    type filter hook input priority 0;\n    iifname \"eth0\" {drop}\n  }}\n"
+        f"  chain outbound {{\n    type filter hook output priority 0;\n    oifname \"eth0\" {drop}\n  }}\n"
+        "}\n"
+    )
+
+
+def _tc(*args: str, netns: str) -> None:
+    argv = ["tc", "-n", netns, *args]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {result.stderr.strip()}")
+
+
+def _nft(rules: str, netns: str) -> None:
+    argv = ["ip", "netns", "exec", netns, "nft", "-f", "-"]
+    result = subprocess.run(argv, input=rules, capture_output=True, text=True, timeout=10)
+    if result.returncode != 0:
+        raise RuntimeError(f"nft in {netns}: {result.stderr.strip()}")
+
+
 @dataclass
 class Host:
     name: str
     netns: str
     address: str
+    #: The switch's end of the host's cable (a veth in the bridge's namespace).
+    port: str = ""
 
 
 @dataclass
@@ -81,7 +135,7 @@ class Network:
         _ip("addr", "add", f"{address}/24", "dev", "eth0", netns=netns)
         _ip("link", "set", "eth0", "up", netns=netns)
         _ip("link", "set", "lo", "up", netns=netns)
-        host = Host(name, netns, address)
+        host = Host(name, netns, address, outside)
         self.hosts[name] = host
         return host
 
@@ -127,6 +181,31 @@ class Network:
         """Bytes received on ``host``'s network interface so far."""
         result = self.run(host, ["cat", "/sys/class/net/eth0/statistics/rx_bytes"], timeout_s=10)
         return int(result.stdout.strip())
+
+    def cut(self, host: str) -> None:
+        """Pull ``host``'s cable out of the switch: its packets go nowhere, its sockets stay open."""
+        _ip("link", "set", self.hosts[host].port, "down", netns=self._switch)
+
+    def restore(self, host: str) -> None:
+        """Plug ``host``'s cable back in (undoes :meth:`cut`)."""
+        _ip("link", "set", self.hosts[host].port, "up", netns=self._switch)
+
+    def impair(self, host: str, *, loss_percent: int, rate: str) -> None:
+        """Make ``host``'s link lossy and slow, both ways: ``loss_percent`` of its packets are
+        dropped at random (nftables) and it carries at most ``rate`` (a ``tc tbf`` rate such
+        as ``40mbit``; a fuller queue delays packets up to 200 ms, then drops them)."""
+        h = self.hosts[host]
+        _nft(_loss_rules(loss_percent), netns=h.netns)
+        for netns, dev in ((h.netns, "eth0"), (self._switch, h.port)):
+            _tc("qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate, "burst", "64kb", "latency", "200ms",
+                netns=netns)
+
+    def heal(self, host: str) -> None:
+        """Undo :meth:`impair`."""
+        h = self.hosts[host]
+        _nft(f"delete table inet {_FAULTS}\n", netns=h.netns)
+        for netns, dev in ((h.netns, "eth0"), (self._switch, h.port)):
+            _tc("qdisc", "del", "dev", dev, "root", netns=netns)
 
     @staticmethod
     def kill(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:

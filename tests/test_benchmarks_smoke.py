@@ -57,3 +57,28 @@ def test_hop_quick_run_measures_every_row_and_leaves_no_process_behind(tmp_path:
     assert "one hop" in run.stdout  # the table was printed
     assert len(report["pids"]) > 20  # nats-server, raw responders, workers, callers
     assert not [pid for pid in report["pids"] if _alive(pid)]
+
+
+@pytest.mark.slow
+def test_hop_large_short_run_measures_every_row_and_leaves_no_process_behind(tmp_path: Path) -> None:
+    out = tmp_path / "hop_large.json"
+    run = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "hop_large.py"), "--concurrency", "1", "4", "--size", "262144",
+         "--requests", "8", "--max-seconds", "1", "--warmup", "1", "--rounds", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert set(report["rows"]) == {"raw_floor", "hello_world", "hello_world_ungated"}
+    for key, by_concurrency in report["rows"].items():
+        assert set(by_concurrency) == {"1", "4"}, key
+        for concurrency, row in by_concurrency.items():
+            where = f"{key} at {concurrency} in flight"
+            assert min(row["requests"]) > 0, where
+            assert 0 < row["p50_ms"] <= row["p99_ms"], where
+            assert row["cpu_us_per_request"] > 0, where
+            assert row["cpu_us_by_process"]["caller"] > 0, where
+    assert "hello_world req/s / floor req/s" in {r["what"] for r in report["ratios"]}
+    assert "large tensors" in run.stdout  # the table was printed
+    assert len(report["pids"]) > 10  # nats-server, raw stages, workers, callers
+    assert not [pid for pid in report["pids"] if _alive(pid)]

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pydantic import ValidationError
 
 from pipeline_runner.capacity import (
     MIN_WORKER_BOUND,
@@ -262,9 +261,9 @@ def _remote(name: str, dtype: str, shape: tuple[int, ...], nbytes: int) -> Remot
 def test_nbytes_must_match_dtype_and_shape() -> None:
     assert _remote("x", "<f4", (3, 4), 48).nbytes == 48
     assert _remote("x", "bytes", (3,), 12).nbytes == 12  # three empty elements: their length prefixes
-    with pytest.raises(ValidationError, match=r"nbytes 16 does not match dtype <f4 and shape \[3, 4\] \(48 bytes\)"):
+    with pytest.raises(ProtocolError, match=r"nbytes 16 does not match dtype <f4 and shape \[3, 4\] \(48 bytes\)"):
         _remote("x", "<f4", (3, 4), 16)
-    with pytest.raises(ValidationError, match="8 bytes cannot hold 1000000000 string elements"):
+    with pytest.raises(ProtocolError, match="8 bytes cannot hold 1000000000 string elements"):
         _remote("x", "string", (10**9,), 8)
     with pytest.raises(ProtocolError, match="dtype '|O' is not allowed"):
         _remote("x", "|O", (1,), 8)

@@ -13,7 +13,10 @@ class EncoderDecoder(Operator):
         self.decoder = RemoteOperator(self.parameters.get("decoder", "decoder"))
 
     async def execute(self, requests: list[Request]) -> None:
-        await asyncio.gather(*(self._run(request) for request in requests))
+        if len(requests) == 1:  # the usual batch: run it here rather than in a task of its own
+            await self._run(requests[0])
+        else:
+            await asyncio.gather(*(self._run(request) for request in requests))
 
     async def _run(self, request: Request) -> None:
         await encode_then_decode(request, self.encoder, self.decoder, self.parameters.get("input_copies", 3))

@@ -19,6 +19,8 @@ from ..config import DataPlaneConfig
 from ..protocol import RemoteTensor, array_from_bytes, tensor_bytes
 from .buffers import BufferPool
 from .errors import DataPlaneError
+from .fetch_gate import FetchGate
+from .peers import describe
 from .store import TensorStore
 
 if TYPE_CHECKING:
@@ -45,6 +47,7 @@ class DataPlane:
         self.metrics = metrics
         self.store = TensorStore()
         self.buffers = BufferPool()
+        self.gate = FetchGate(self.config.parallel_fetches)  # large host fetches take turns
         self.fetched_from: Counter[str] = Counter()
         # Where tensors lived and where they went: the evidence that GPU tensors stay on GPUs.
         self.published_memory: Counter[str] = Counter()  # 'cpu' | 'gpu'
@@ -127,12 +130,22 @@ class DataPlane:
             address=self.address, tensor_id=tensor_id,
         )  # fmt: skip
 
-    async def fetch(self, desc: RemoteTensor, memory_type: str = "cpu", deadline: float | None = None) -> Any:
+    async def fetch(
+        self,
+        desc: RemoteTensor,
+        memory_type: str = "cpu",
+        deadline: float | None = None,
+        request_deadline: float | None = None,
+    ) -> Any:
         """The tensor ``desc`` describes: NumPy, or CuPy when ``memory_type`` is ``'gpu'``.
 
         Gives up at ``deadline`` (a ``time.monotonic()`` value) or after ``fetch_timeout_s``,
-        whichever comes first.
+        whichever comes first. ``request_deadline``: that of the request the tensor was sent
+        for; its producer frees it ``LEASE_GRACE_S`` later, so the fetch gives up then too.
         """
+        if request_deadline is not None:
+            lease_end = request_deadline + LEASE_GRACE_S
+            deadline = lease_end if deadline is None else min(deadline, lease_end)
         await self.start()
         want_gpu = memory_type == "gpu" and _is_fixed_width(desc.dtype)
         move = f"{desc.memory_type}->{'gpu' if want_gpu else 'cpu'}"
@@ -142,17 +155,33 @@ class DataPlane:
                 raise DataPlaneError(f"tensor {desc.name!r} ({desc.tensor_id}) was already freed here")
             self.fetched_memory[move] += 1
             return _as_array(desc, flat, want_gpu)
-        if want_gpu:
-            import cupy
-
-            out: Any = cupy.empty(desc.nbytes, dtype=cupy.uint8)
-        else:
-            out = self.buffers.take(desc.nbytes)
         timeout_s = self.config.fetch_timeout_s
         started = time.monotonic()
         if deadline is not None:
-            timeout_s = max(min(timeout_s, deadline - started), 0.001)
-        await self._transport.fetch(desc.address, desc.tensor_id, out, timeout_s)
+            timeout_s = max(min(timeout_s, deadline - time.monotonic()), 0.001)
+        try:
+            if want_gpu:
+                import cupy
+
+                out: Any = cupy.empty(desc.nbytes, dtype=cupy.uint8)
+                await self._transport.fetch(desc.address, desc.tensor_id, out, timeout_s)
+            else:
+                # The receive buffer is taken once it is this fetch's turn: buffers of fetches
+                # still waiting would only be fresh memory that the pool cannot hand out again.
+                gives_up_at = time.monotonic() + timeout_s
+                async with self.gate.turn(desc.nbytes, gives_up_at, repr(desc.name)):
+                    out = self.buffers.take(desc.nbytes)
+                    await self._transport.fetch(
+                        desc.address, desc.tensor_id, out, max(gives_up_at - time.monotonic(), 0.001)
+                    )
+        except DataPlaneError as exc:
+            if request_deadline is not None and time.monotonic() >= request_deadline:
+                # Whatever the producer answered, the tensor's lease is over: say why.
+                raise DataPlaneError(
+                    f"fetch of tensor {desc.name!r} from {describe(desc.address)} gave up: its request's "
+                    f"deadline passed and the producer's lease on it ended ({exc})"
+                ) from None
+            raise
         self.fetched_from[desc.address] += 1
         self.fetched_memory[move] += 1
         if self.metrics is not None:

@@ -1,7 +1,7 @@
 """Drives a UCX worker from the asyncio event loop, without a thread.
 
-The worker is polled between the loop's other tasks until ``LINGER_S`` passes without a
-completion (also while requests of ours are in flight: see ``LINGER_S``); then it is armed and
+The worker is polled between the loop's other tasks until ``LINGER_S`` passes in which UCX
+moved nothing (also while requests of ours are in flight: see ``LINGER_S``); then it is armed and
 the loop sleeps on its epoll descriptor, so an idle transport costs no CPU. Completions run
 callbacks directly, from within the progress pass that completed them. This scheme was chosen
 over ucxx's own progress modes (polling, thread, thread with futures) by measurement: see
@@ -22,11 +22,13 @@ log = logging.getLogger(__name__)
 
 Callback = Callable[[BaseException | None], None]
 
-# Keep polling this long after the last completion before sleeping on the epoll descriptor:
+# Keep polling this long after UCX last moved anything before sleeping on the epoll descriptor:
 # the next message of an exchange usually follows within microseconds, and a wakeup from epoll
-# costs far more than that. Lingering also ends while our own requests are pending: a process
-# that polls until its peer answers keeps the CPU the peer was woken on, and the peer waits for
-# the scheduler to move it (what both choices cost: RESULTS.md, see the module docstring).
+# costs far more than that. (Counted from the last progress, not the last completion: a large
+# transfer moves fragment after fragment for milliseconds before it completes.) Lingering also
+# ends while our own requests are pending: a process that polls until its peer answers keeps
+# the CPU the peer was woken on, and the peer waits for the scheduler to move it (what both
+# choices cost: RESULTS.md, see the module docstring).
 LINGER_S = 200e-6
 # Longest stretch the worker is progressed without letting the loop's other tasks run
 # (``worker.progress()`` would copy a whole large message in one call).
@@ -34,6 +36,9 @@ PROGRESS_BUDGET_S = 1e-3
 # While requests are pending, progress the worker at least this often even without an event
 # (against a lost wakeup; ucxx's blocking mode does the same every second).
 SAFETY_TICK_S = 0.5
+# Scan for completions at least every this many passes that moved nothing (a request can also
+# complete outside a progress call, e.g. when its endpoint is closed).
+COLLECT_EVERY = 64
 
 _NEVER_DROPPED: list[Any] = []  # see Progress.keep
 
@@ -55,6 +60,7 @@ class Progress:
         # (a list, not an object: this is on every request's path)
         self._pending: dict[int, list[Any]] = {}
         self._active = 0
+        self._idle_passes = 0
         self._timers: set[asyncio.TimerHandle] = set()
         self._spinner: asyncio.Task[None] | None = None
         self._tick: asyncio.TimerHandle | None = None
@@ -129,21 +135,36 @@ class Progress:
         for _, callback, _, _ in pending.values():
             _call(callback, stopped)
 
-    def _advance(self) -> bool:
+    def _advance(self, collect: bool = False) -> bool:
         """Progress the worker (for at most ``PROGRESS_BUDGET_S``) and run the callbacks of
-        what completed; True if any ran.
+        what completed; True if UCX moved anything.
+
+        The pending requests are scanned for completions only after a pass that moved
+        something, when ``collect`` says so, or after ``COLLECT_EVERY`` passes that did not:
+        a pass that moved nothing completed nothing, and with many transfers in flight the
+        scan (a lock per request) cost more than the polling itself. (``_poll`` scans once more
+        before it sleeps.)
 
         (Polling on inside this call while a transfer is pending, instead of yielding to the
         loop in between, was tried: no faster, and slower for small messages.)
         """
         worker = self._worker
-        end = time.perf_counter() + PROGRESS_BUDGET_S
-        while worker.progress_once():
-            if time.perf_counter() >= end:
-                break
+        if worker.progress_once():
+            moved = True
+            end = time.perf_counter() + PROGRESS_BUDGET_S
+            while worker.progress_once():
+                if time.perf_counter() >= end:
+                    break
+            else:
+                worker.progress()  # idle now; this also runs ucxx's cancellations of failed endpoints
         else:
-            worker.progress()  # idle now; this also runs ucxx's cancellations of failed endpoints
-        return self._collect()
+            worker.progress()
+            moved = False
+            self._idle_passes += 1
+        if moved or collect or self._idle_passes >= COLLECT_EVERY:
+            self._idle_passes = 0
+            self._collect()
+        return moved
 
     def _collect(self) -> bool:
         """Run the callbacks of the requests that completed; True if any ran."""
@@ -160,14 +181,14 @@ class Progress:
     def _on_event(self) -> None:
         if self.closed:
             return
-        self._advance()
+        self._advance(collect=True)
         self.kick()  # linger: the next message of an exchange is usually right behind
 
     def _on_tick(self) -> None:
         self._tick = None
         if self.closed:
             return
-        self._advance()
+        self._advance(collect=True)
         if self._pending:
             self._tick = self._loop.call_later(SAFETY_TICK_S, self._on_tick)
         if self._active:
@@ -178,7 +199,7 @@ class Progress:
         while not self.closed:
             if self._advance():
                 last = time.perf_counter()
-            if time.perf_counter() - last >= LINGER_S and self._worker.arm():
+            if time.perf_counter() - last >= LINGER_S and not self._collect() and self._worker.arm():
                 # Armed: the epoll descriptor reports the next event to the loop.
                 if self._pending and self._tick is None:
                     self._tick = self._loop.call_later(SAFETY_TICK_S, self._on_tick)

@@ -28,7 +28,7 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from .. import __version__
+from .. import __version__, tracing
 from ..config import DeploymentConfig, OperatorConfig
 from ..metrics.observers import IngressMetrics
 from ..operator import Response
@@ -146,7 +146,13 @@ class Ingress:
             if request.method in ("POST", "PUT"):
                 body = await request.body(self.http.max_body_bytes, timeout_s=self.http.request_timeout_s)
             watcher = asyncio.create_task(request.watch_disconnect(task))
-            await handler(request, body, *args)
+            if tracing.active():
+                from ..tracing.spans import http_span
+
+                with http_span(request.method, request.path, request.headers):
+                    await handler(request, body, *args)
+            else:
+                await handler(request, body, *args)
         except ClientGone:
             pass
         except asyncio.CancelledError:

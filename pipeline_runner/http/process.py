@@ -16,8 +16,10 @@ import sys
 from pathlib import Path
 
 from ..metrics.observers import IngressMetrics
+from .. import tracing
 from ..process import die_with_parent, report_status, run_reporting_failure, use_fast_event_loop
 from ..remote import Connection
+from ..tracing.settings import resolve_tracing
 from .ingress import Ingress
 from .server import HttpServer
 from .spec import IngressSpec, resolve_token
@@ -28,6 +30,9 @@ async def run_ingress(spec: IngressSpec) -> None:
     config = spec.deployment
     assert config.http is not None
     token = resolve_token(config.http.auth, Path(spec.root))
+    tracing.configure(resolve_tracing(config.tracing.with_file_under(config.root)), f"{config.name}.http", {
+        "pipeline_runner.deployment": config.name, "pipeline_runner.worker": spec.ingress_id,
+    })  # fmt: skip
     connection = await Connection.connect(
         spec.nats_url, config.name, default_timeout_s=config.http.request_timeout_s,
         data_plane=config.data_plane, nats=spec.nats, client_name=f"{config.name}.{spec.ingress_id}",
@@ -56,6 +61,7 @@ async def run_ingress(spec: IngressSpec) -> None:
         await ingress.stop()
     finally:
         await connection.close()
+        tracing.shutdown()  # exports the spans still buffered
 
 
 def main() -> int:

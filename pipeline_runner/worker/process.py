@@ -21,6 +21,7 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
+from .. import tracing
 from ..context import ServingContext, set_context
 from ..data_plane.plane import DataPlane
 from ..inbound import Inbound
@@ -33,6 +34,7 @@ from ..queue_group import QueueGroupInbound
 from ..remote import Connection
 from ..reply import Responder
 from ..request_plane import RequestPlane, cancel_subject, operator_subject, queue_group, stats_subject
+from ..tracing.settings import resolve_tracing
 from ..work_queue import WorkQueueConsumer, WorkQueueSettings, stream_name
 from .serving import Worker
 from .spec import WorkerSpec
@@ -70,6 +72,9 @@ def _stats(spec: WorkerSpec, worker: Worker, plane: RequestPlane, data_plane: Da
         "reconnects": plane.nats.stats["reconnects"],
         "resent_requests": plane.resent_requests,
         "republished_responses": plane.republished_responses,
+        # Leak evidence for soak and hostile-client tests: both must return to a baseline.
+        "asyncio_tasks": len(asyncio.all_tasks()),
+        "open_calls": plane.open_calls,
         "device": spec.device,
         "gpu": spec.gpu,
         "cuda_visible_devices": os.environ.get(CUDA_VISIBLE_DEVICES),
@@ -124,6 +129,9 @@ async def run_worker(spec: WorkerSpec) -> None:
         # Before the operator is imported and before UCX starts (which needs the CUDA context).
         name = activate_gpu()
         log.info("on GPU %s (%s), CUDA_VISIBLE_DEVICES=%s", spec.gpu, name, os.environ.get(CUDA_VISIBLE_DEVICES))
+    tracing.configure(resolve_tracing(spec.tracing), f"{spec.deployment}.{spec.operator.name}", {
+        "pipeline_runner.deployment": spec.deployment, "pipeline_runner.worker": spec.worker_id,
+    })  # fmt: skip
     operator_cls = None
     if spec.operator.kind == "python":  # a broken module fails the worker before it connects
         assert spec.operator.implementation is not None
@@ -161,6 +169,7 @@ async def run_worker(spec: WorkerSpec) -> None:
             await operator.teardown()
         await data_plane.stop()
         await plane.close()
+        tracing.shutdown()  # exports the spans still buffered
 
 
 def main() -> int:

@@ -16,9 +16,10 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from .. import tracing
 from ..capacity import default_max_request_bytes
 from ..config import OperatorConfig
-from ..context import ServingContext, reset_context, set_context
+from ..context import OpenCalls, ServingContext, reset_context, set_context
 from ..errors import BadInputError, OperatorError, ProtocolError
 from ..inbound import Delivery, Inbound
 from ..metrics.observers import CANCELLED, EXPIRED, WorkerMetrics
@@ -34,11 +35,14 @@ if TYPE_CHECKING:
 
     from ..data_plane.plane import DataPlane
     from ..remote import Connection
+    from ..tracing.spans import ExecuteSpans
 
 log = logging.getLogger("pipeline_runner.worker")
 
 # Requests cancelled before they started are remembered, up to this many.
 _CANCELLED_EARLY_MAX = 10_000
+# asyncio may fire a timer set for a deadline a little before it.
+_DEADLINE_SLACK_S = 0.05
 _NO_RESPONSE = ErrorInfo(code="no_response", message="the operator returned without a final response")
 
 
@@ -106,6 +110,8 @@ class Worker:
             "cancelled": self.metrics.cancelled,
             "redelivered": self.metrics.redelivered,
             "unfinished": self._unfinished,
+            "running": len(self._running),
+            "cancelled_early_remembered": len(self._cancelled_early),
             "operator_stats": self.operator.stats(),
         }
 
@@ -242,26 +248,47 @@ class Worker:
                 delivery.outcome = "worker_lost"
                 await reply.fail(ErrorInfo(code="worker_lost", message=refusal))
                 return None
-        return Request(header.id, header.parameters, inputs, deadline, reply, device=self.spec.device)
+        trace = None
+        if header.trace_context is not None and tracing.active():
+            from ..tracing.spans import RequestTrace
+
+            trace = RequestTrace(header.trace_context, header.sent_at)
+        return Request(header.id, header.parameters, inputs, deadline, reply, device=self.spec.device, trace=trace)
 
     # --- running ----------------------------------------------------------------------------
 
     async def _execute(self, requests: list[Request]) -> None:
-        scope = TensorScope()
-        token = set_context(ServingContext(self.connection, max(r.deadline for r in requests), scope))
+        scope, calls = TensorScope(), OpenCalls()
+        token = set_context(ServingContext(self.connection, max(r.deadline for r in requests), scope, calls))
         task = asyncio.current_task()
         assert task is not None
         for request in requests:
             self._running[request.id] = (request, task)
+        spans: ExecuteSpans | None = None
+        if tracing.active():
+            from ..tracing.spans import ExecuteSpans
+
+            spans = ExecuteSpans([(r.id, r.trace) for r in requests], self.spec.operator.name, self.spec.worker_id)
+        error: BaseException | None = None
         try:
             await self.operator.execute(requests)
         except Exception as exc:
-            await self._fail_unanswered(requests, self._error_for(exc))
+            error = exc
+            # A fetch or a downstream call that ran out of the request's time is a timeout to
+            # its caller, whatever raised (the message keeps the cause).
+            late = [r for r in requests if r.time_left() < _DEADLINE_SLACK_S]
+            if late:
+                await self._fail_unanswered(late, self._deadline_passed(exc))
+            if len(late) < len(requests):
+                await self._fail_unanswered(requests, self._error_for(exc))
         else:
             await self._fail_unanswered(requests, _NO_RESPONSE)
         finally:
             for request in requests:
                 self._running.pop(request.id, None)
+            await calls.close_all()
+            if spans is not None:
+                spans.end(error)
             reset_context(token)
             if self.data_plane is not None:
                 self.data_plane.release(scope.to_release())
@@ -274,6 +301,12 @@ class Worker:
             return ErrorInfo(code=exc.code, message=str(exc))
         log.error("operator %s raised", self.spec.operator.name, exc_info=exc)
         return ErrorInfo(code="operator_failed", message=f"{type(exc).__name__}: {exc}")
+
+    def _deadline_passed(self, exc: Exception) -> ErrorInfo:
+        log.warning("a request's deadline passed while %s served it: %s: %s",
+                    self.spec.operator.name, type(exc).__name__, exc)
+        return ErrorInfo(code="timeout", message=f"the request's deadline passed while it was served: "
+                         f"{type(exc).__name__}: {exc}")
 
     async def _fail_unanswered(self, requests: list[Request], error: ErrorInfo) -> None:
         for request in requests:

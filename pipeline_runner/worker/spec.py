@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from ..config import DataPlaneConfig, OperatorConfig
+from ..config import DataPlaneConfig, OperatorConfig, TracingConfig
 from ..nats_security import NatsClientOptions
 from ..placement import Device
 
@@ -31,6 +31,8 @@ class WorkerSpec(BaseModel):
     gpu: int | None = None
     #: Where this worker writes its Prometheus values (the deployment serves them); None: off.
     metrics_dir: str | None = None
+    #: The deployment's tracing section, its ``file`` made absolute.
+    tracing: TracingConfig = TracingConfig()
 
     @property
     def worker_id(self) -> str:

@@ -20,8 +20,8 @@ class Relay(Operator):
 
     async def execute(self, requests: list[Request]) -> None:
         for request in requests:
-            # aclosing: cancelled while it responds (not inside the call), the call still ends at
-            # once and tells the next hop, rather than when the generator is collected.
+            # aclosing ends the call with this request rather than with the batch; the serving
+            # loop would close it then (see test_downstream_cancel.py).
             async with contextlib.aclosing(self.next.call(parameters=request.parameters)) as responses:
                 await self._relay(request, responses)
 
