@@ -14,6 +14,8 @@ Rows (each at every ``--concurrency``, 1024 int32 per request like ``runner clie
   ``hello_world_uvloop``: the same file with every worker and the caller on uvloop (through a
   ``sitecustomize`` on PYTHONPATH); workers run on uvloop by default, so ``hello_world_asyncio``
   puts them on asyncio's own loop (``PIPELINE_RUNNER_EVENT_LOOP=asyncio``) for comparison;
+  every deployment serves Prometheus metrics (the default); ``hello_world_no_metrics`` is the
+  same file with ``metrics: {enabled: false}`` (nothing scrapes during the run);
 * ``echo_baseline``, ``hello_world_baseline`` (with ``--baseline PATH``): the same two on the
   code of another checkout (``PYTHONPATH``), for before/after in one run;
 * ``hello_world_traced``: the same with tracing on in every worker and the caller (each span
@@ -215,13 +217,14 @@ def deployment_roles(deployment: Any) -> dict[str, list[int]]:
     return roles
 
 
-def hello_world_variant(base: Any, name: str, mode: str | None) -> Any:
+def hello_world_variant(base: Any, name: str, mode: str | None, metrics: bool = True) -> Any:
     from pipeline_runner import DeploymentConfig
 
     data = base.model_dump(mode="json")
     data["name"] = name
     data["working_dir"] = str(base.root)
     data.pop("http", None)  # several copies run at once; they cannot share the file's HTTP port
+    data["metrics"]["enabled"] = metrics
     for op in data["operators"]:
         if mode is not None:
             op["delivery"]["mode"] = mode
@@ -386,6 +389,8 @@ def ratios(results: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]
     add("hello_world req/s / raw JetStream chain req/s", "hello_world", "raw_js_chain", "req_per_s", "")
     add("hello_world CPU / raw JetStream chain CPU", "hello_world", "raw_js_chain", "cpu_us_per_request", "")
     add("hello_world CPU / raw 3-hop chain CPU", "hello_world", "raw_chain", "cpu_us_per_request", "cut 3x")
+    add("hello_world CPU, metrics on / off", "hello_world", "hello_world_no_metrics", "cpu_us_per_request", "")
+    add("hello_world req/s, metrics on / off", "hello_world", "hello_world_no_metrics", "req_per_s", "")
     add("echo CPU / --baseline echo CPU", "echo", "echo_baseline", "cpu_us_per_request", "")
     add("hello_world CPU / --baseline hello_world CPU", "hello_world", "hello_world_baseline", "cpu_us_per_request", "")
     add("hello_world req/s / --baseline hello_world req/s", "hello_world", "hello_world_baseline", "req_per_s", "")
@@ -427,6 +432,7 @@ ALL_ROWS = {
     "hello_world_amo": "hello_world_python via library, at_most_once",
     "hello_world_uvloop": "hello_world_python via library, uvloop everywhere",
     "hello_world_asyncio": "hello_world_python via library, workers on asyncio's own loop",
+    "hello_world_no_metrics": "hello_world_python via library, metrics off",
     "echo_baseline": "runner echo operator, --baseline code",
     "hello_world_baseline": "hello_world_python via library, --baseline code",
     "hello_world_traced": "hello_world_python via library, tracing on (every span to a file)",
@@ -533,6 +539,8 @@ async def setup(args: argparse.Namespace, keys: list[str], procs: Processes, wor
             await library(key, hello_world_variant(hw_base, "hw_at_most_once", "at_most_once"), "encoder_decoder")
         elif key == "hello_world_uvloop":
             await library(key, hello_world_variant(hw_base, "hw_uvloop", None), "encoder_decoder", uvloop=True)
+        elif key == "hello_world_no_metrics":
+            await library(key, hello_world_variant(hw_base, "hw_no_metrics", None, metrics=False), "encoder_decoder")
         elif key == "hello_world_asyncio":
             await library(
                 key, hello_world_variant(hw_base, "hw_asyncio", None), "encoder_decoder",

@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--http-only", action="store_true", help="run only the HTTP front door here (the file's http section), no workers; --workers N: N ingress processes")
     p.add_argument("--http-host", metavar="ADDR", help="interface of the HTTP front door (overrides http.host)")
     p.add_argument("--http-port", type=int, metavar="PORT", help="port of the HTTP front door (overrides http.port; 0: any free port)")
+    p.add_argument("--metrics-host", metavar="ADDR", help="interface of the Prometheus /metrics endpoint (overrides metrics.host)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT", help="port of the Prometheus /metrics endpoint (overrides metrics.port; 0: any free port)")
     p.add_argument("--log-dir", type=Path, help="directory for per-worker logs; '-': the workers log to this command's output (containers, kubectl logs)")
     p.add_argument("--start-timeout", type=float, default=120.0, metavar="S", help="seconds a worker may take to become ready")
     p.add_argument("--allow-oversubscribe", action="store_true", help="start the workers even where they exceed this host's CPUs, memory or limits (see runner validate)")
@@ -214,6 +216,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(
             f"{state.name}: pid {state.pid}, NATS {redact_url(state.nats_url)}, "
             f"{alive}/{len(state.workers)} workers, logs {state.log_dir}"
+            + (f", metrics {state.metrics_url}" if state.metrics_url else "")
         )
         stats = asyncio.run(_worker_stats(state, len(state.workers)))
         table = Table(show_header=True)
@@ -379,6 +382,8 @@ async def _deploy(config: Any, args: argparse.Namespace) -> int:
         http_only=args.http_only,
         http_host=args.http_host,
         http_port=args.http_port,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
     )
     health = None
     if args.health_port is not None:
@@ -447,6 +452,7 @@ def _print_banner(deployment: Any) -> None:
         f"Deployment {config.name!r} is running: {sum(counts.values())} workers ({workers})\n"
         f"  NATS:  {redact_url(deployment.nats_url)}{embedded}\n"
         + (f"  HTTP: {deployment.http_url}\n" if deployment.http_url else "")
+        + (f"  metrics: {deployment.metrics_url}\n" if deployment.metrics_url else "")
         + f"  logs:  {deployment.log_dir}\n"
         + (f"  traces: {deployment.trace_file} (runner client --trace)\n" if deployment.trace_file else "")
         + f"  try:   runner client --requests 100\n"

@@ -302,6 +302,12 @@ class HttpConfig(_Model):
     )
 
 
+class MetricsConfig(_Model):
+    """Prometheus metrics: one ``/metrics`` endpoint per deployment process, summing its workers'."""
+
+    enabled: bool = Field(True, description="Serve Prometheus metrics (runner deploy prints the URL).")
+    host: str = Field("127.0.0.1", min_length=1, description="Interface to bind; loopback unless told otherwise.")
+    port: int = Field(0, ge=0, le=65535, description="TCP port; 0 picks a free one (printed, and in runner status).")
 class TracingConfig(_Model):
     """OpenTelemetry traces of every request across its hops; the OTEL_* environment variables also turn them on."""
 
@@ -585,6 +591,9 @@ class DeploymentConfig(_Model):
     operators: list[OperatorConfig] = Field(min_length=1)
     http: HttpConfig | None = Field(
         None, description="Serve the pipeline over HTTP (Open Inference Protocol v2, JSON, streaming); absent: no HTTP."
+    )
+    metrics: MetricsConfig = Field(
+        default_factory=MetricsConfig, description="Prometheus metrics of the workers, the HTTP front door and the deployment."
     )
     tracing: TracingConfig = Field(default_factory=TracingConfig)
 

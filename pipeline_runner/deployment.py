@@ -16,19 +16,24 @@ import signal
 import socket
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import DeploymentConfig, OperatorConfig
 from .errors import RunnerError, WorkerStartError
 from .http.spec import IngressSpec
+from .metrics import MULTIPROC_DIR_ENV
 from .nats_security import NatsClientOptions, embedded_server_config
 from .nats_server import NatsServer
 from .placement import Placer, WorkerPlacement, worker_environment
 from .process import STATUS_FD_ENV
 from .state import DeploymentState, WorkerState, state_dir
 from .worker import WorkerSpec
+
+if TYPE_CHECKING:
+    from .metrics.server import MetricsServer, SupervisedProcess
 
 log = logging.getLogger("pipeline_runner.deployment")
 
@@ -70,6 +75,8 @@ class WorkerProcess:
         self.ready, self.ready_at = False, None
         read_fd, write_fd = os.pipe()
         env = dict(os.environ, **self._environment(), **{STATUS_FD_ENV: str(write_fd)})
+        if self.spec.metrics_dir is not None:
+            env[MULTIPROC_DIR_ENV] = self.spec.metrics_dir
         if self.log_file is not None:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
         # No log file: the worker writes to the deployment's own output (e.g. for kubectl logs).
@@ -216,6 +223,8 @@ class Deployment:
         http_only: bool = False,
         http_host: str | None = None,
         http_port: int | None = None,
+        metrics_host: str | None = None,
+        metrics_port: int | None = None,
     ):
         if (http_only or http_host is not None or http_port is not None) and config.http is None:
             raise RunnerError(f"deployment {config.name!r} has no http section to serve")
@@ -226,6 +235,9 @@ class Deployment:
             # On its own (a pod of Kubernetes), --workers counts ingress processes.
             config = config.model_copy(update={"http": config.http.model_copy(update={"workers": workers})})
             workers = None
+        if metrics_host is not None or metrics_port is not None:
+            changes = {k: v for k, v in (("host", metrics_host), ("port", metrics_port)) if v is not None}
+            config = config.model_copy(update={"metrics": config.metrics.model_copy(update=changes)})
         if data_plane_host is not None:
             data_plane = config.data_plane.model_copy(update={"host": data_plane_host})
             config = config.model_copy(update={"data_plane": data_plane})
@@ -253,6 +265,14 @@ class Deployment:
         self._http_url: str | None = None
         self._monitors: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._metrics: MetricsServer | None = None
+        if config.metrics.enabled:
+            from .metrics.server import MetricsServer
+
+            self._metrics = MetricsServer(
+                # Unique: one process may run several deployments of one name (tests, --only hosts).
+                self.run_dir / f"metrics.{os.getpid()}.{uuid.uuid4().hex[:8]}", config.metrics.host, config.metrics.port, self._supervised
+            )
         self._trace_file_path: str | None = None  # the span file, when tracing exports to one
 
     @property
@@ -263,6 +283,23 @@ class Deployment:
     def ingress(self) -> list[IngressProcess]:
         """The HTTP ingress processes (none without an ``http`` section, or with ``only``)."""
         return list(self._ingress)
+
+    @property
+    def metrics_url(self) -> str | None:
+        """``http://HOST:PORT/metrics`` of the deployment's Prometheus metrics, once served."""
+        return self._metrics.url if self._metrics is not None and self._metrics.started else None
+
+    def _supervised(self) -> list[SupervisedProcess]:
+        from .metrics.server import SupervisedProcess
+
+        return [
+            SupervisedProcess(self.config.name, self._operator_label(p), p.name, p.restarts, p.ready)
+            for p in [*self._workers, *self._ingress]
+        ]
+
+    @staticmethod
+    def _operator_label(process: WorkerProcess) -> str:
+        return "http" if isinstance(process, IngressProcess) else process.spec.operator.name
 
     @property
     def http_url(self) -> str | None:
@@ -284,6 +321,9 @@ class Deployment:
             self._trace_file_path = self._trace_file()  # bad OTEL_* settings fail it too
             if self._serves_http():
                 self._bind_http()
+            if self._metrics is not None:  # a port in use fails the deploy before any worker starts
+                self._metrics.prepare()
+                self._metrics.start()
             if self.nats_url is None:
                 embedded = self.config.request_plane.embedded
                 cert, key = (
@@ -362,6 +402,7 @@ class Deployment:
             listen_fd=self._http_socket.fileno(),
             drain_timeout_s=self.drain_timeout_s,
             parent_pid=os.getpid(),
+            metrics_dir=self._metrics_dir(),
         )
         log_file = None if str(self.log_dir) == LOG_TO_OUTPUT else self.log_dir / f"http.{index}.log"
         return IngressProcess(spec, log_file, self.config.root)
@@ -383,10 +424,14 @@ class Deployment:
             parent_pid=os.getpid(),
             device=placement.device,
             gpu=placement.gpu,
+            metrics_dir=self._metrics_dir(),
             tracing=self.config.tracing.with_file_under(self.config.root),
         )
         log_file = None if str(self.log_dir) == LOG_TO_OUTPUT else self.log_dir / f"{op.name}.{index}.log"
         return WorkerProcess(spec, log_file, self.config.root)
+
+    def _metrics_dir(self) -> str | None:
+        return str(self._metrics.directory) if self._metrics is not None else None
 
     async def _supervise(self, worker: WorkerProcess) -> None:
         """Restart ``worker`` whenever it exits while the deployment is running."""
@@ -395,6 +440,8 @@ class Deployment:
             assert worker.proc is not None
             code = await worker.proc.wait()
             worker.ready = False
+            if self._metrics is not None:
+                self._metrics.process_exited(worker.proc.pid)
             if self._stopping:
                 return
             if worker.ready_at is not None and time.monotonic() - worker.ready_at > _STABLE_S:
@@ -438,6 +485,8 @@ class Deployment:
             await w.kill()
         if self._nats is not None:
             await self._nats.stop()
+        if self._metrics is not None:
+            self._metrics.stop()
 
     async def kill(self) -> None:
         """Stop everything at once, without draining (a second Ctrl-C)."""
@@ -445,6 +494,8 @@ class Deployment:
         await asyncio.gather(*(w.kill() for w in [*self._ingress, *self._workers]))
         if self._nats is not None:
             await self._nats.stop(timeout_s=1.0)
+        if self._metrics is not None:
+            self._metrics.stop()
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Whether every worker this host runs is ready, with each worker's readiness."""
@@ -472,6 +523,7 @@ class Deployment:
             pid=os.getpid(),
             nats_url=self.nats_url,
             nats_pid=self._nats.pid if self._nats else None,
+            metrics_url=self.metrics_url,
             log_dir=str(self.log_dir),
             data_plane=self.config.data_plane,
             started_at=self.started_at,

@@ -21,7 +21,7 @@ RESEND_HEADER = "PR-Resend"
 class Delivery:
     """One request message as an inbound delivered it."""
 
-    __slots__ = ("data", "reply_to", "attempt", "sent_at", "_settle", "_message")
+    __slots__ = ("data", "reply_to", "attempt", "sent_at", "received_at", "outcome", "_settle", "_message")
 
     def __init__(
         self,
@@ -40,6 +40,10 @@ class Delivery:
         self.attempt = attempt
         #: ``time.monotonic()`` value of when the caller sent it, where the transport knows it.
         self.sent_at = sent_at
+        #: ``time.monotonic()`` value of when this process received it.
+        self.received_at = time.monotonic()
+        #: How the worker ended it without running it (set where it does), for its metrics.
+        self.outcome = "internal"
         self._settle = settle
         self._message = message
 

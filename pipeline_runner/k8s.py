@@ -47,6 +47,8 @@ IMAGE_ROOT = "/app"
 HEALTH_PORT = 8080
 #: The ingress's port when the file says 0 (a free port makes no sense behind a Service).
 HTTP_PORT = 8000
+#: The pods' Prometheus /metrics port where the file leaves metrics.port at 0 (any free port).
+METRICS_PORT = 9464
 #: Component label and name suffix of the HTTP ingress (operator components are their names).
 INGRESS_COMPONENT = "http-ingress"
 NATS_CLIENT_PORT = 4222
@@ -422,6 +424,31 @@ def operator_image(op: OperatorConfig, options: K8sOptions) -> str:
     return options.image or DEFAULT_IMAGE
 
 
+def metrics_port(config: DeploymentConfig) -> int | None:
+    """The pods' /metrics port (None: metrics are off)."""
+    return (config.metrics.port or METRICS_PORT) if config.metrics.enabled else None
+
+
+def metrics_args(config: DeploymentConfig) -> list[str]:
+    """``runner deploy`` arguments serving /metrics where Prometheus reaches the pod."""
+    port = metrics_port(config)
+    return [] if port is None else ["--metrics-host", "0.0.0.0", "--metrics-port", str(port)]
+
+
+def scrape_annotations(config: DeploymentConfig) -> dict[str, str]:
+    """The ``prometheus.io/*`` pod annotations Prometheus' Kubernetes discovery commonly keys on."""
+    port = metrics_port(config)
+    if port is None:
+        return {}
+    return {"prometheus.io/scrape": "true", "prometheus.io/port": str(port), "prometheus.io/path": "/metrics"}
+
+
+def metrics_container_ports(config: DeploymentConfig) -> list[dict[str, Any]]:
+    """The named ``metrics`` port (what a PodMonitor or ServiceMonitor selects)."""
+    port = metrics_port(config)
+    return [] if port is None else [{"name": "metrics", "containerPort": port}]
+
+
 def worker_args(
     path: str, nats_url: str | None, operator: str, health_port: int = HEALTH_PORT
 ) -> list[str]:
@@ -484,7 +511,7 @@ def operator_deployment(
         ANNOTATION_PREFIX + "device": op.device,
     }
     # A URL with credentials in it stays out of the manifests: the file in the image has it.
-    args = worker_args(path, None if "@" in nats_url else nats_url, op.name)
+    args = worker_args(path, None if "@" in nats_url else nats_url, op.name) + metrics_args(config)
     image = operator_image(op, options)
     env: list[dict[str, Any]] = [{"name": "PIPELINE_RUNNER_STATE_DIR", "value": STATE_DIR}]
     if options.nats_secret is not None:
@@ -498,7 +525,7 @@ def operator_deployment(
         # PID 1 forwards SIGTERM and reaps what the worker and its Triton server leave behind.
         "args": args,
         "env": env,
-        "ports": [{"name": "health", "containerPort": HEALTH_PORT}],
+        "ports": [{"name": "health", "containerPort": HEALTH_PORT}, *metrics_container_ports(config)],
         # /healthz answers once the supervisor runs; a start (imports, Triton) may take minutes
         # before that, and liveness waits for it.
         "startupProbe": {"httpGet": {"path": "/healthz", **health}, "periodSeconds": 5, "failureThreshold": 60},
@@ -532,7 +559,10 @@ def operator_deployment(
         "spec": {
             "replicas": op.workers,
             "selector": {"matchLabels": _selector(labels)},
-            "template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod},
+            "template": {
+                "metadata": {"labels": labels, "annotations": {**annotations, **scrape_annotations(config)}},
+                "spec": pod,
+            },
         },
     }
 
@@ -656,7 +686,7 @@ def ingress_manifests(
         "--http-only", "--workers", "1",
         # The Service reaches the pod's address; large outputs are fetched by this pod over UCX.
         "--http-host", "0.0.0.0", "--http-port", str(http.port or HTTP_PORT),
-        "--data-plane-host", "0.0.0.0", "--log-dir", "-",
+        "--data-plane-host", "0.0.0.0", "--log-dir", "-", *metrics_args(config),
     ]  # fmt: skip
     env: list[dict[str, Any]] = [{"name": "PIPELINE_RUNNER_STATE_DIR", "value": STATE_DIR}]
     if options.nats_secret is not None:
@@ -669,7 +699,7 @@ def ingress_manifests(
         "image": image,
         "args": args,
         "env": env,
-        "ports": [{"name": "http", "containerPort": http.port or HTTP_PORT}],
+        "ports": [{"name": "http", "containerPort": http.port or HTTP_PORT}, *metrics_container_ports(config)],
         "startupProbe": {"httpGet": {"path": "/v2/health/live", **port}, "periodSeconds": 2, "failureThreshold": 60},
         "livenessProbe": {"httpGet": {"path": "/v2/health/live", **port}, "periodSeconds": 10, "failureThreshold": 3},
         "readinessProbe": {"httpGet": {"path": "/v2/health/ready", **port}, "periodSeconds": 5, "failureThreshold": 2},
@@ -691,7 +721,10 @@ def ingress_manifests(
         "spec": {
             "replicas": http.workers,
             "selector": {"matchLabels": _selector(labels)},
-            "template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod},
+            "template": {
+                "metadata": {"labels": labels, "annotations": {**annotations, **scrape_annotations(config)}},
+                "spec": pod,
+            },
         },
     }
     service = {

@@ -87,6 +87,8 @@ class Request:
         self._reply = reply
         self._final_sent = False
         self._cancelled = False
+        #: ``ok``, or the error code of the final response; None until it is sent.
+        self.outcome: str | None = None
 
     @property
     def cancelled(self) -> bool:
@@ -140,12 +142,15 @@ class Request:
         self._check_open()
         await self._reply.send(outputs or {}, parameters or {}, final)
         self._final_sent = final
+        if final:
+            self.outcome = "ok"
 
     async def fail(self, message: str, code: str = "operator_failed") -> None:
         """Answer the request with an error; this is its final response."""
         self._check_open()
         await self._reply.fail(ErrorInfo(code=code, message=message))
         self._final_sent = True
+        self.outcome = code
 
     def _check_open(self) -> None:
         if self._final_sent:

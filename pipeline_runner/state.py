@@ -35,6 +35,8 @@ class DeploymentState(BaseModel):
     pid: int
     nats_url: str
     nats_pid: int | None = None
+    #: ``http://HOST:PORT/metrics`` of its Prometheus metrics (None: off).
+    metrics_url: str | None = None
     log_dir: str
     data_plane: DataPlaneConfig = DataPlaneConfig()
     started_at: float

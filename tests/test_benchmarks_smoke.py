@@ -35,7 +35,7 @@ def test_hop_quick_run_measures_every_row_and_leaves_no_process_behind(tmp_path:
 
     expected = {
         "raw_rr", "raw_js_rr", "raw_chain", "raw_js_chain", "echo",
-        "hello_world", "hello_world_amo", "hello_world_asyncio", "runner_client",
+        "hello_world", "hello_world_amo", "hello_world_asyncio", "hello_world_no_metrics", "runner_client",
     }  # fmt: skip
     if importlib.util.find_spec("uvloop") is not None:
         expected |= {"raw_rr_uvloop", "raw_chain_uvloop", "hello_world_uvloop"}

@@ -244,7 +244,7 @@ def test_unknown_key_without_a_near_miss_lists_the_allowed_keys(deployment: Writ
     path = deployment(HEADER + "replicas: 2\n")
     assert problems_of(path) == [
         "hello_world.yaml:5: unknown key 'replicas' "
-        "(allowed keys: name, working_dir, request_plane, data_plane, log_level, log_dir, operators, http, tracing)"
+        "(allowed keys: name, working_dir, request_plane, data_plane, log_level, log_dir, operators, http, metrics, tracing)"
     ]
 
 

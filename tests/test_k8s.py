@@ -251,13 +251,42 @@ def test_the_http_front_door_is_its_own_deployment_behind_a_service_probed_on_v2
     assert (args.http_host, args.http_port) == ("0.0.0.0", 8000)
     assert args.nats.startswith("nats://") and args.data_plane_host == "0.0.0.0"
     ingress = container(deployment)
-    assert ingress["ports"] == [{"name": "http", "containerPort": 8000}]
+    assert ingress["ports"] == [{"name": "http", "containerPort": 8000}, {"name": "metrics", "containerPort": 9464}]
     for probe, path in (("livenessProbe", "/v2/health/live"), ("readinessProbe", "/v2/health/ready"), ("startupProbe", "/v2/health/live")):
         assert ingress[probe]["httpGet"] == {"path": path, "port": "http"}, probe
     assert service["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http"}]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert matches(service["spec"]["selector"], labels)
     assert not any(matches(service["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"]) for w in worker_deployments(objects))
+
+
+def test_every_pod_serves_metrics_on_a_named_port_its_scrape_annotations_name(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    objects = render(capsys, HELLO_WORLD)
+    pods = [*worker_deployments(objects), ingress_objects(objects)[0]]
+    assert len(pods) == 4  # encoder, decoder, encoder_decoder, the HTTP ingress
+    for workload in pods:
+        args = deploy_args(workload)
+        assert (args.metrics_host, args.metrics_port) == ("0.0.0.0", 9464)  # Prometheus reaches the pod
+        ports = {port["name"]: port["containerPort"] for port in container(workload)["ports"]}
+        assert ports["metrics"] == 9464
+        annotations = workload["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == "9464"
+        assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_metrics_off_in_the_file_leave_no_port_and_no_scrape_annotation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = deployment_file(
+        tmp_path, "name: quiet\nworking_dir: ..\nmetrics: {enabled: false}\noperators:\n  - {name: echo, implementation: operators/ops.py:Echo}\n"
+    )
+    (workload,) = worker_deployments(render(capsys, file))
+    assert deploy_args(workload).metrics_port is None
+    assert [port["name"] for port in container(workload)["ports"]] == ["health"]
+    assert not any(key.startswith("prometheus.io/") for key in workload["spec"]["template"]["metadata"]["annotations"])
 
 
 def test_the_http_token_comes_from_a_secret(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -24,6 +24,7 @@ from .peers import describe
 from .store import TensorStore
 
 if TYPE_CHECKING:
+    from ..metrics.observers import DataPlaneMetrics
     from .ucx_transport import UcxTransport
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,9 @@ def is_device_array(value: Any) -> bool:
 class DataPlane:
     """Large-tensor transfer for one process, over UCX."""
 
-    def __init__(self, config: DataPlaneConfig | None = None):
+    def __init__(self, config: DataPlaneConfig | None = None, metrics: DataPlaneMetrics | None = None):
         self.config = config or DataPlaneConfig()
+        self.metrics = metrics
         self.store = TensorStore()
         self.buffers = BufferPool()
         self.gate = FetchGate(self.config.parallel_fetches)  # large host fetches take turns
@@ -111,6 +113,8 @@ class DataPlane:
             flat = contiguous.reshape(-1).view(cupy.uint8)
             tensor_id = self.store.put(flat, contiguous.nbytes, lease)
             self.published_memory["gpu"] += 1
+            if self.metrics is not None:
+                self.metrics.published("gpu", contiguous.nbytes)
             return RemoteTensor(
                 name=name, dtype=contiguous.dtype.str, shape=contiguous.shape,
                 nbytes=contiguous.nbytes, address=self.address, tensor_id=tensor_id,
@@ -119,6 +123,8 @@ class DataPlane:
         dtype, data = tensor_bytes(name, np.asarray(array))
         tensor_id = self.store.put(data, len(data), lease)
         self.published_memory["cpu"] += 1
+        if self.metrics is not None:
+            self.metrics.published("cpu", len(data))
         return RemoteTensor(
             name=name, dtype=dtype, shape=np.shape(array), nbytes=len(data),
             address=self.address, tensor_id=tensor_id,
@@ -150,6 +156,7 @@ class DataPlane:
             self.fetched_memory[move] += 1
             return _as_array(desc, flat, want_gpu)
         timeout_s = self.config.fetch_timeout_s
+        started = time.monotonic()
         if deadline is not None:
             timeout_s = max(min(timeout_s, deadline - time.monotonic()), 0.001)
         try:
@@ -177,6 +184,8 @@ class DataPlane:
             raise
         self.fetched_from[desc.address] += 1
         self.fetched_memory[move] += 1
+        if self.metrics is not None:
+            self.metrics.fetched("gpu" if want_gpu else "cpu", desc.nbytes, time.monotonic() - started)
         return _as_array(desc, out, want_gpu)
 
     def release(self, descriptors: list[RemoteTensor]) -> None:

@@ -34,6 +34,7 @@ class HttpRequest:
         self._receive = receive
         self._send = send
         self.started = False  # whether the response has begun (its status is then fixed)
+        self.status = 0  # the response's status once started
         self.disconnected = False
         self.sse = False  # the format of a started stream
 
@@ -81,7 +82,7 @@ class HttpRequest:
     ) -> None:
         all_headers = self._headers(content_type, headers or [])
         all_headers.append((b"content-length", str(len(body)).encode()))
-        self.started = True
+        self.started, self.status = True, int(status)
         await self._send({"type": "http.response.start", "status": int(status), "headers": all_headers})
         await self._send({"type": "http.response.body", "body": body})
 
@@ -95,7 +96,7 @@ class HttpRequest:
         """Begin a 200 stream: Server-Sent Events, or newline-delimited JSON."""
         content_type = b"text/event-stream" if sse else b"application/x-ndjson"
         headers = self._headers(content_type, [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")])
-        self.started = True
+        self.started, self.status = True, int(HTTPStatus.OK)
         self.sse = sse
         await self._send({"type": "http.response.start", "status": HTTPStatus.OK, "headers": headers})
 

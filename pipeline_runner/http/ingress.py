@@ -20,6 +20,7 @@ import hmac
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
@@ -29,6 +30,7 @@ from nats.aio.msg import Msg
 
 from .. import __version__, tracing
 from ..config import DeploymentConfig, OperatorConfig
+from ..metrics.observers import IngressMetrics
 from ..operator import Response
 from ..remote import Connection
 from .asgi import ClientGone, HttpRequest, Receive, Scope, Send
@@ -45,6 +47,8 @@ _OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
 _NO_WORKER_ROUNDS = 3
 _STATS_PERIOD_S = 1.0
 _CANCEL_BROADCAST_S = 0.5
+#: The status its metrics give a request whose client went away before the answer (nginx's).
+_CLIENT_GONE = 499
 
 Handler = Callable[..., Awaitable[None]]
 
@@ -57,8 +61,15 @@ def http_cancel_subject(deployment: str) -> str:
 class Ingress:
     """The ASGI app of one ingress process."""
 
-    def __init__(self, config: DeploymentConfig, connection: Connection, token: str | None = None):
+    def __init__(
+        self,
+        config: DeploymentConfig,
+        connection: Connection,
+        token: str | None = None,
+        metrics: IngressMetrics | None = None,
+    ):
         assert config.http is not None
+        self.metrics = metrics
         self.config = config
         self.http = config.http
         self.connection = connection
@@ -123,6 +134,7 @@ class Ingress:
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _REQUEST_ID.match(given) and given not in self._inflight else uuid.uuid4().hex
         request = HttpRequest(scope, receive, send, request_id)
+        received_at = time.monotonic()
         task = asyncio.current_task()
         assert task is not None
         self._inflight[request_id] = task
@@ -165,6 +177,9 @@ class Ingress:
                 watcher.cancel()
             self._inflight.pop(request_id, None)
             self._cancelled_ids.discard(request_id)
+            if self.metrics is not None:
+                status = _CLIENT_GONE if request.disconnected or not request.status else request.status
+                self.metrics.request_finished(status, time.monotonic() - received_at)
 
     def _authorize(self, request: HttpRequest) -> None:
         if self._token is None or request.path in _OPEN_PATHS:

@@ -15,6 +15,7 @@ import socket
 import sys
 from pathlib import Path
 
+from ..metrics.observers import IngressMetrics
 from .. import tracing
 from ..process import die_with_parent, report_status, run_reporting_failure, use_fast_event_loop
 from ..remote import Connection
@@ -36,6 +37,7 @@ async def run_ingress(spec: IngressSpec) -> None:
         spec.nats_url, config.name, default_timeout_s=config.http.request_timeout_s,
         data_plane=config.data_plane, nats=spec.nats, client_name=f"{config.name}.{spec.ingress_id}",
     )  # fmt: skip
+    metrics = IngressMetrics(config.name, spec.ingress_id) if spec.metrics_dir else None
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -43,7 +45,7 @@ async def run_ingress(spec: IngressSpec) -> None:
     try:
         # Started now, so the first large tensor does not wait for UCX to come up.
         await connection.data_plane.start()
-        ingress = Ingress(config, connection, token)
+        ingress = Ingress(config, connection, token, metrics)
         await ingress.start()
         sock = socket.socket(fileno=spec.listen_fd)
         server = HttpServer(

@@ -28,6 +28,8 @@ class IngressSpec(BaseModel):
     listen_fd: int
     drain_timeout_s: float = 30.0
     parent_pid: int | None = None
+    #: Where this process writes its Prometheus values (the deployment serves them); None: off.
+    metrics_dir: str | None = None
 
     @property
     def ingress_id(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype, tri
 
 from ..config import OperatorConfig
 from ..errors import BadInputError, OperatorError, RunnerError
+from ..metrics.observers import TritonMetrics
 from ..operator import Operator, OperatorContext, Request
 from .environment import setup_triton
 from .model_config import merged_model_config, read_model_config, to_json
@@ -51,8 +53,11 @@ class TritonOperator(Operator):
     model's responses stream back as the request's responses.
     """
 
-    def __init__(self, context: OperatorContext, config: OperatorConfig, root: Path):
+    def __init__(
+        self, context: OperatorContext, config: OperatorConfig, root: Path, metrics: TritonMetrics | None = None
+    ):
         super().__init__(context)
+        self.metrics = metrics
         assert config.repository is not None
         self.config = config
         self.repository = (root / config.repository).resolve()
@@ -129,6 +134,7 @@ class TritonOperator(Operator):
     async def _infer(self, request: Request, inputs: list[grpcclient.InferInput]) -> None:
         outputs = [grpcclient.InferRequestedOutput(name) for name in self.outputs]
         parameters = _triton_parameters(request.parameters)
+        started = time.monotonic()
         try:
             if self.decoupled:
                 await self._stream(request, inputs, outputs, parameters)
@@ -140,6 +146,9 @@ class TritonOperator(Operator):
                 await request.respond(self._arrays(result))
         except InferenceServerException as exc:
             raise OperatorError(self.context.operator, "operator_failed", f"Triton: {exc.message()}") from None
+        finally:
+            if self.metrics is not None:
+                self.metrics.call_finished(time.monotonic() - started)
 
     @property
     def _client(self) -> grpcclient.InferenceServerClient:
@@ -199,7 +208,9 @@ class TritonOperator(Operator):
         await request.respond(pending or {}, final=True)
 
 
-def create_triton_operator(context: OperatorContext, config: OperatorConfig, root: Path) -> TritonOperator:
+def create_triton_operator(
+    context: OperatorContext, config: OperatorConfig, root: Path, metrics: TritonMetrics | None = None
+) -> TritonOperator:
     """The operator a worker runs for ``kind: triton``; checks the repository first."""
     assert config.repository is not None
     repository = (root / config.repository).resolve()
@@ -208,4 +219,4 @@ def create_triton_operator(context: OperatorContext, config: OperatorConfig, roo
         raise RunnerError(f"operator {config.name!r}: no model {model!r} in Triton model repository {repository}")
     if config.config_overrides:
         read_model_config(repository / model / "config.pbtxt")  # a clear error before Triton starts
-    return TritonOperator(context, config, root)
+    return TritonOperator(context, config, root, metrics)

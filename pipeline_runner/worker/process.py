@@ -26,6 +26,7 @@ from ..context import ServingContext, set_context
 from ..data_plane.plane import DataPlane
 from ..inbound import Inbound
 from ..loader import load_operator_class
+from ..metrics.observers import DataPlaneMetrics, ProcessLabels, TritonMetrics, WorkerMetrics
 from ..operator import Operator, OperatorContext
 from ..placement import CUDA_VISIBLE_DEVICES, activate_gpu
 from ..process import die_with_parent, report_status, run_reporting_failure, use_fast_event_loop
@@ -102,7 +103,7 @@ async def _control_subjects(spec: WorkerSpec, worker: Worker, plane: RequestPlan
         await plane.stop_serving(cancel_sub)
 
 
-def _create_operator(spec: WorkerSpec, operator_cls: type[Operator] | None) -> Operator:
+def _create_operator(spec: WorkerSpec, operator_cls: type[Operator] | None, labels: ProcessLabels | None) -> Operator:
     op = spec.operator
     context = OperatorContext(
         deployment=spec.deployment,
@@ -118,7 +119,8 @@ def _create_operator(spec: WorkerSpec, operator_cls: type[Operator] | None) -> O
         return operator_cls(context)
     from ..triton.operator import create_triton_operator  # tritonclient only where needed
 
-    return create_triton_operator(context, op, Path(spec.root))
+    metrics = TritonMetrics(labels, op.model or op.name) if labels is not None else None
+    return create_triton_operator(context, op, Path(spec.root), metrics)
 
 
 async def run_worker(spec: WorkerSpec) -> None:
@@ -137,12 +139,13 @@ async def run_worker(spec: WorkerSpec) -> None:
     plane = await RequestPlane.connect(
         spec.nats_url, name=f"{spec.deployment}.{spec.worker_id}", options=spec.nats
     )
-    data_plane = DataPlane(spec.data_plane)
+    labels = ProcessLabels(spec.deployment, spec.operator.name, spec.worker_id) if spec.metrics_dir else None
+    data_plane = DataPlane(spec.data_plane, metrics=DataPlaneMetrics(labels) if labels is not None else None)
     await data_plane.start()
     connection = Connection(plane, spec.deployment, spec.request_timeout_s, data_plane)
     # For RemoteOperator handles used outside a request too (setup, the operator's own tasks).
     set_context(ServingContext(connection=connection))
-    operator = _create_operator(spec, operator_cls)
+    operator = _create_operator(spec, operator_cls, labels)
     await operator.setup()
     worker = Worker(
         spec,
@@ -151,7 +154,9 @@ async def run_worker(spec: WorkerSpec) -> None:
         responder=Responder(plane, data_plane, spec.worker_id),
         data_plane=data_plane,
         connection=connection,
+        metrics=WorkerMetrics(labels, batches=spec.operator.batch_policy.max_batch_size > 1),
     )
+    gauges = asyncio.create_task(worker.metrics.publish_gauges_every())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
@@ -159,6 +164,7 @@ async def run_worker(spec: WorkerSpec) -> None:
         async with _control_subjects(spec, worker, plane, data_plane):
             await worker.serve(on_ready=lambda: report_status("ready", pid=os.getpid()))
     finally:
+        gauges.cancel()
         with contextlib.suppress(Exception):
             await operator.teardown()
         await data_plane.stop()

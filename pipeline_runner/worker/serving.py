@@ -24,6 +24,7 @@ from ..config import OperatorConfig
 from ..context import OpenCalls, ServingContext, reset_context, set_context
 from ..errors import BadInputError, OperatorError, ProtocolError
 from ..inbound import Delivery, Inbound
+from ..metrics.observers import CANCELLED, EXPIRED, WorkerMetrics
 from ..operator import Operator, Request
 from ..protocol import ErrorInfo, decode_request, salvage_reply_to
 from ..reply import Responder
@@ -60,6 +61,7 @@ class Worker:
         responder: Responder,
         data_plane: DataPlane | None,
         connection: Connection | None = None,
+        metrics: WorkerMetrics | None = None,
     ):
         self.spec = spec
         self.operator = operator
@@ -85,10 +87,9 @@ class Worker:
         self._running: dict[str, tuple[Request, asyncio.Task[Any]]] = {}
         self._cancelled_early: dict[str, None] = {}  # cancelled before they arrived (bounded)
         self._stopping = asyncio.Event()
-        self.served = 0
-        self.cancelled = 0
-        self.redelivered = 0
         self.batches = 0
+        #: The counts of ``runner status`` and, when exposed, the worker's Prometheus metrics.
+        self.metrics = metrics or WorkerMetrics()
 
     async def serve(self, on_ready: Callable[[], None] | None = None) -> None:
         """Serve until :meth:`stop`, then drain the unfinished requests and return."""
@@ -105,7 +106,7 @@ class Worker:
             await asyncio.sleep(0.01)
         self._batches.clear()  # never acknowledged: a work queue hands them to another worker
         await self.inbound.close()
-        log.info("stopped after serving %d requests", self.served)
+        log.info("stopped after serving %d requests", self.metrics.served)
 
     def stop(self) -> None:
         """Take no more requests; :meth:`serve` returns once the unfinished ones are done."""
@@ -113,9 +114,9 @@ class Worker:
 
     def stats(self) -> dict[str, Any]:
         return {
-            "served": self.served,
-            "cancelled": self.cancelled,
-            "redelivered": self.redelivered,
+            "served": self.metrics.served,
+            "cancelled": self.metrics.cancelled,
+            "redelivered": self.metrics.redelivered,
             "batches": self.batches,
             "unfinished": self._unfinished,
             "running": len(self._running),
@@ -131,7 +132,7 @@ class Worker:
             if waiting is not None:
                 waiting.request.cancel()
                 log.info("request %s cancelled by its caller before its batch ran", request_id)
-                self._spawn(self._finish([waiting]))
+                self._spawn(self._finish([waiting], None))
                 return
             self._cancelled_early[request_id] = None
             while len(self._cancelled_early) > _CANCELLED_EARLY_MAX:
@@ -168,9 +169,11 @@ class Worker:
             request = None
         if request is None:
             await delivery.done()
+            self.metrics.request_dropped(delivery.outcome, time.monotonic() - delivery.received_at)
             self._unfinished -= 1
             await self.inbound.capacity_freed()
             return
+        self.metrics.request_received()
         self._batches.add(Admitted(request, delivery, time.monotonic()))
 
     async def _refuse(self, delivery: Delivery, why: str) -> None:
@@ -185,12 +188,22 @@ class Worker:
                 reply = self.responder.reply(reply_to, request_id, delivery.attempt)
                 await reply.fail(ErrorInfo(code="overloaded", message=why))
         await delivery.done()
+        self.metrics.request_refused("overloaded")
 
     def _start_batch(self, batch: Batch) -> None:
         """``batch`` is formed (full, or its wait is over): it takes its slots and runs."""
         self._executing += batch.size
         self.batches += 1
+        self._batch_closed(batch)
         self._spawn(self._run_batch(batch))
+
+    def _batch_closed(self, batch: Batch) -> None:
+        # sent_at comes from the work queue's clock (another host's, maybe): never below zero.
+        waits = [
+            max(batch.formed - (d.sent_at if d.sent_at is not None else d.received_at), 0.0)
+            for d in (m.delivery for m in batch.members)
+        ]
+        self.metrics.batch_closed(batch.size, batch.waited_s, waits)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -198,6 +211,7 @@ class Worker:
         task.add_done_callback(self._tasks.discard)
 
     async def _run_batch(self, batch: Batch) -> None:
+        requests: list[Request] = []
         try:
             now = time.monotonic()
             # Its caller gave up while it waited for its batch or a slot: nobody to answer.
@@ -209,15 +223,28 @@ class Worker:
         finally:
             self._executing -= batch.size
             self._batches.slots_freed()
-            await self._finish(batch.members)
+            await self._finish(batch.members, requests)
 
-    async def _finish(self, members: list[Admitted]) -> None:
-        """Every request of ``members`` has its final response sent (or never will)."""
+    async def _finish(self, members: list[Admitted], executed: list[Request] | None) -> None:
+        """Every request of ``members`` has its final response sent (or never will).
+
+        ``executed``: those of them that ran; None when they left before their batch formed.
+        """
         # Only now may the inbound forget them.
         for admitted in members:
             await admitted.delivery.done()
         # Counted once the request is out of the way (acknowledged, its slot free).
-        self.cancelled += sum(1 for a in members if a.request.cancelled)
+        now = time.monotonic()
+        ran = {id(r) for r in executed or ()}
+        for admitted in members:
+            request, duration_s = admitted.request, now - admitted.delivery.received_at
+            if executed is None:
+                self.metrics.request_dropped(CANCELLED, duration_s, was_queued=True)
+            elif id(request) in ran:
+                outcome = CANCELLED if request.cancelled else request.outcome or "no_response"
+                self.metrics.request_finished(outcome, duration_s, executed=True)
+            else:
+                self.metrics.request_finished(CANCELLED if request.cancelled else EXPIRED, duration_s, executed=False)
         self._unfinished -= len(members)
         await self.inbound.capacity_freed()
 
@@ -229,6 +256,7 @@ class Worker:
             inputs = decode_tensors(header.tensors, body, self.data_plane)
         except ProtocolError as exc:
             log.warning("rejected malformed request on %s: %s", self._subject, exc)
+            delivery.outcome = exc.code
             reply_to = delivery.reply_to or salvage_reply_to(delivery.data)
             if reply_to:
                 reply = self.responder.reply(reply_to, "", delivery.attempt)
@@ -236,18 +264,21 @@ class Worker:
             return None
         if header.id in self._cancelled_early:
             del self._cancelled_early[header.id]
+            delivery.outcome = CANCELLED
             return None  # the caller gave up before we started
         deadline = delivery.deadline(header.timeout_s)
         if deadline <= time.monotonic():
+            delivery.outcome = EXPIRED
             return None  # its caller has already given up (it waited in a work queue)
         attempt = delivery.attempt
         reply = self.responder.reply(header.reply_to, header.id, attempt, deadline)
         if attempt > 1:
-            self.redelivered += 1
+            self.metrics.request_redelivered()
             log.warning("request %s delivered again (attempt %d): a worker holding it died, "
                         "or its caller lost its NATS connection", header.id, attempt)
             refusal = redelivery_refusal(self.spec.operator, attempt)
             if refusal is not None:
+                delivery.outcome = "worker_lost"
                 await reply.fail(ErrorInfo(code="worker_lost", message=refusal))
                 return None
         trace = None
@@ -294,7 +325,6 @@ class Worker:
             reset_context(token)
             if self.data_plane is not None:
                 self.data_plane.release(scope.to_release())
-            self.served += len(requests)
 
     def _error_for(self, exc: Exception) -> ErrorInfo:
         """What the callers of a batch learn when ``execute`` raised ``exc``."""

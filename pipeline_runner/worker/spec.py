@@ -29,6 +29,8 @@ class WorkerSpec(BaseModel):
     device: Device = "cpu"
     #: The deployment's CUDA number of this worker's GPU; the worker itself sees it as device 0.
     gpu: int | None = None
+    #: Where this worker writes its Prometheus values (the deployment serves them); None: off.
+    metrics_dir: str | None = None
     #: The deployment's tracing section, its ``file`` made absolute.
     tracing: TracingConfig = TracingConfig()
 
