@@ -234,10 +234,11 @@ class Peer:
             # one connection, and closing ours would reset the peer's (the new one of its next
             # fetch, after a cut link), whose failure would reset ours in turn. Only retired
             # (closed when the transport stops: never dropped unclosed, whose destructor would
-            # close it synchronously); receives still posted are dropped after a grace period.
+            # close it synchronously). Receives still posted stay watched, their buffers alive:
+            # over tcp a late answer can land whenever the link comes back (dropping them
+            # after a grace period corrupted the heap); they end with that answer, when UCX
+            # fails the endpoint, or when the transport stops.
             self._links.retired.append(ep)
-            if not progress.closed:
-                progress.discard_later([req for op in ops for req in op.requests()], ORPHAN_GRACE_S)
             return
         # Without error handling a close flushes, which can wait on the peer forever (a frozen
         # one), so it must not block. Nor does it cancel the receives still posted: those are
