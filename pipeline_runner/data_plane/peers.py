@@ -11,8 +11,10 @@ formerly in ucx_transport.py comments".)
 Peer death: endpoints between processes of one host cannot have UCX error handling, so a peer
 on this host is watched through a pidfd: when it exits, what is in flight with it fails at once
 and its endpoint is dropped. Peers on other hosts (or in another pid namespace) get endpoints
-with UCX error handling, over tcp. Every fetch also has its own deadline; a live peer that
-misses it keeps its endpoint.
+with UCX error handling, over tcp. Every fetch also has its own deadline; a live peer on this
+host that misses it keeps its endpoint. A remote peer's endpoint that failed or missed a
+deadline is retired: let go of, not closed, until the transport stops (UCX pairs the two
+workers' endpoints on one tcp connection, so closing ours would reset the peer's new one).
 """
 
 from __future__ import annotations
