@@ -160,22 +160,16 @@ def test_a_lossy_slow_decoder_link_slows_requests_but_answers_them_all(hosts) ->
           f"afterwards {normal} of {normal} ok")
 
 
-# Last in the file: the 20 s case leaves the deployment's data plane broken (see its xfail).
 @pytest.mark.parametrize(
     "cut_s",
     [
         # Longer than the work queues' redeliver_after_s (5 s): JetStream takes the decoders
         # for dead and offers their requests again, to workers just as unreachable.
         8,
-        # Longer than a request's deadline: requests caught in the cut time out, and TCP's
+        # Longer than a request's deadline and the fetch deadlines: requests caught in the cut
+        # time out, consumers give up on their endpoints to the cut host, and TCP's
         # retransmission backoff has grown to seconds when the cable comes back.
-        pytest.param(20, marks=pytest.mark.xfail(reason=(
-            "open bug (issue 17): after a cut longer than the fetch deadlines, data-plane fetches "
-            "between the cut host and its peers keep failing once the link is back: a producer "
-            "keeps answering over its endpoint to a consumer that reset it after giving up, and "
-            "UCX's tcp endpoints of two workers share one connection, so dropping a broken one "
-            "resets the other side's new one"
-        ), strict=False)),
+        20,
     ],
 )
 def test_pulling_the_decoder_hosts_cable_mid_run_ends_every_request_in_time(hosts, cut_s: int) -> None:

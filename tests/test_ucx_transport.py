@@ -244,6 +244,31 @@ async def test_frozen_producer_times_out_then_recovers(consumer: UcxTransport) -
         assert np.array_equal(out, expected)
 
 
+async def test_frozen_remote_producer_times_out_then_recovers_and_stop_closes_its_old_endpoint() -> None:
+    # A peer on another host that misses a deadline gets a new endpoint; the old one is only
+    # retired (closing it would reset the new one, see peers.py) until the transport stops.
+    consumer = UcxTransport(lambda _: None)
+    await consumer.start()
+    try:
+        async with producer("--other-host") as peer:
+            expected = await peer.put("x", MiB, seed=7)
+            peer.signal(signal.SIGSTOP)
+            late = np.zeros(MiB, np.uint8)
+            with pytest.raises(DataPlaneError, match="timed out after 0.5 s"):
+                await consumer.fetch(peer.address, "x", late, 0.5)
+            peer.signal(signal.SIGCONT)
+            for _ in range(3):
+                out = np.empty(MiB, np.uint8)
+                await consumer.fetch(peer.address, "x", out, 5.0)
+                assert np.array_equal(out, expected)
+            assert not consumer.peers[peer.address].local
+            started = time.monotonic()
+            await consumer.stop()
+            assert time.monotonic() - started < 2.0
+    finally:
+        await consumer.stop()
+
+
 async def test_release_reaches_the_producers_on_release(consumer: UcxTransport) -> None:
     async with producer() as peer:
         ids = ["a", "b", "\u00e9t\u00e9"] + [f"many-{i:04d}" for i in range(2000)]  # > one message

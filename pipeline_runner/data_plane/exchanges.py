@@ -202,6 +202,7 @@ class Send:
             self.stats.served(self.nbytes)
         else:
             log.debug("sending %r to %s failed: %s", self.tensor_id, describe(self.peer.address), exc)
+            self.peer.send_failed(exc)
 
     def expire(self) -> None:
         # The consumer gave up long ago. Stop polling for the send; a tcp peer's endpoint is

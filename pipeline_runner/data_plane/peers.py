@@ -11,8 +11,10 @@ formerly in ucx_transport.py comments".)
 Peer death: endpoints between processes of one host cannot have UCX error handling, so a peer
 on this host is watched through a pidfd: when it exits, what is in flight with it fails at once
 and its endpoint is dropped. Peers on other hosts (or in another pid namespace) get endpoints
-with UCX error handling, over tcp. Every fetch also has its own deadline; a live peer that
-misses it keeps its endpoint.
+with UCX error handling, over tcp. Every fetch also has its own deadline; a live peer on this
+host that misses it keeps its endpoint. A remote peer's endpoint that failed or missed a
+deadline is retired: let go of, not closed, until the transport stops (UCX pairs the two
+workers' endpoints on one tcp connection, so closing ours would reset the peer's new one).
 """
 
 from __future__ import annotations
@@ -174,10 +176,20 @@ class Peer:
                 raise DataPlaneError(f"cannot connect to {describe(self.address)}: {exc}") from exc
         return self._ep
 
-    def drop(self, error: DataPlaneError) -> None:
-        """Forget this peer: fail what is in flight with it and close its endpoint."""
+    def drop(self, error: DataPlaneError, *, closing: bool = False) -> None:
+        """Forget this peer: fail what is in flight with it and let go of its endpoint.
+
+        ``closing``: this transport is stopping, so a remote peer's endpoint is closed too.
+        """
         self._forget(self)
-        self._close(error)
+        self._close(error, closing)
+
+    def send_failed(self, exc: BaseException) -> None:
+        """A message to this peer failed: a remote peer's endpoint is then broken for good
+        (reset by the peer, e.g. once it gave up on a fetch across a cut link), so the next
+        answer opens a new one."""
+        if not self.local:
+            self._links.loop.call_soon(self.drop, DataPlaneError(f"sending to {describe(self.address)} failed: {exc}"))
 
     def _watch(self, start: str) -> None:
         gone = DataPlaneError(f"peer process {self.pid} is gone")
@@ -198,8 +210,8 @@ class Peer:
     def _exited(self) -> None:
         self.drop(DataPlaneError(f"peer process {self.pid} exited"))
 
-    def _close(self, error: DataPlaneError) -> None:
-        """Fail what is in flight with this peer and close the endpoint, without blocking."""
+    def _close(self, error: DataPlaneError, closing: bool = False) -> None:
+        """Fail what is in flight with this peer and let go of the endpoint, without blocking."""
         if self.error is None:
             self.error = error
         ops, self._in_flight = list(self._in_flight), set()
@@ -215,14 +227,20 @@ class Peer:
         progress = self._links.progress
         if ep is None:
             return
-        if not self.local:
-            # With UCX error handling ucxx closes by force: it cancels what is still in flight
-            # and needs nothing from the peer.
-            try:
-                ep.close_blocking(period=100_000_000, max_attempts=1)
-            except Exception as exc:
-                log.debug("closing the endpoint to %s: %s", describe(self.address), exc)
+        if not self.local and closing:
+            _close_by_force(ep)
             progress.kick()  # collect the cancelled requests
+            return
+        if not self.local:
+            # Not closed while we keep serving: UCX's tcp endpoints between two workers share
+            # one connection, and closing ours would reset the peer's (the new one of its next
+            # fetch, after a cut link), whose failure would reset ours in turn. Only retired
+            # (closed when the transport stops: never dropped unclosed, whose destructor would
+            # close it synchronously). Receives still posted stay watched, their buffers alive:
+            # over tcp a late answer can land whenever the link comes back (dropping them
+            # after a grace period corrupted the heap); they end with that answer, when UCX
+            # fails the endpoint, or when the transport stops.
+            self._links.retired.append(ep)
             return
         # Without error handling a close flushes, which can wait on the peer forever (a frozen
         # one), so it must not block. Nor does it cancel the receives still posted: those are
@@ -251,6 +269,17 @@ class _Links:
     worker: Any
     loop: asyncio.AbstractEventLoop
     progress: Progress
+    # Endpoints to remote peers let go of but not closed while serving (see ``Peer._close``).
+    retired: list[Any]
+
+
+def _close_by_force(ep: Any) -> None:
+    """Close an endpoint with UCX error handling: ucxx cancels what is in flight and needs
+    nothing from the peer."""
+    try:
+        ep.close_blocking(period=100_000_000, max_attempts=1)
+    except Exception as exc:
+        log.debug("closing a data-plane endpoint: %s", exc)
 
 
 class Peers:
@@ -259,7 +288,7 @@ class Peers:
     def __init__(
         self, lib: UcxLib, worker: Any, loop: asyncio.AbstractEventLoop, progress: Progress, identity: HostIdentity
     ):
-        self._links = _Links(lib, worker, loop, progress)
+        self._links = _Links(lib, worker, loop, progress, [])
         self._identity = identity
         self._peers: dict[str, Peer] = {}
 
@@ -275,8 +304,12 @@ class Peers:
         return peer
 
     def drop_all(self, error: DataPlaneError) -> None:
+        """Let go of every peer as this transport stops."""
         for peer in list(self._peers.values()):
-            peer.drop(error)
+            peer.drop(error, closing=True)
+        retired, self._links.retired[:] = list(self._links.retired), []
+        for ep in retired:
+            _close_by_force(ep)
 
     def infos(self) -> dict[str, PeerInfo]:
         return {address: peer.info for address, peer in self._peers.items()}

@@ -14,7 +14,7 @@ import numpy as np
 from . import wire
 from .errors import DataPlaneError
 from .exchanges import Send, TransferStats
-from .peers import Peers, describe
+from .peers import Peer, Peers, describe
 from .progress import Progress, error_of, log_failure
 from .ucx_arrays import readable_view
 from .ucx_lib import UcxLib
@@ -113,7 +113,7 @@ class Server:
             except Exception as exc:
                 peer.drop(DataPlaneError(f"cannot answer {describe(msg.requester)}: {exc}"))
                 return
-            progress.watch(status_req, log_failure, keep=status, active=False)
+            progress.watch(status_req, functools.partial(_status_sent, peer), keep=status, active=False)
             if answer.code == wire.OK:
                 self._stats.served(0)  # an empty tensor: the status is all there is to send
             return
@@ -145,3 +145,10 @@ class Server:
             text = f"size mismatch for tensor {tensor_id!r}: the producer has {served} bytes, the consumer expects {nbytes}"
             return _Answer(wire.SIZE_MISMATCH, text, None, served)
         return _Answer(wire.OK, "", buffer, served)  # (positional: keywords cost more, per fetch)
+
+
+def _status_sent(peer: Peer, exc: BaseException | None) -> None:
+    if exc is not None:
+        log_failure(exc)
+        peer.send_failed(exc)
+
