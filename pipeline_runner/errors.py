@@ -51,6 +51,17 @@ class OperatorError(RunnerError):
         super().__init__(f"{operator}: {code}: {message}")
 
 
+class OperatorTimeoutError(OperatorError, RequestTimeoutError):
+    """A downstream operator answered ``timeout``: the request's deadline passed while it was
+    served. Caught as :class:`RequestTimeoutError` too, like the caller's own timeout."""
+
+
+def operator_error(operator: str, code: str, message: str) -> OperatorError:
+    """The exception for an error response with ``code`` from ``operator``."""
+    cls = OperatorTimeoutError if code == "timeout" else OperatorError
+    return cls(operator, code, message)
+
+
 class BadInputError(RunnerError):
     """Raised by operator code for a request it cannot process (wrong dtype, shape, missing input).
 

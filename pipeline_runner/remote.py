@@ -11,7 +11,7 @@ from . import tracing
 from .config import DataPlaneConfig
 from .context import ServingContext, current_context
 from .data_plane.plane import DataPlane
-from .errors import OperatorError, RequestTimeoutError, RunnerError
+from .errors import RequestTimeoutError, RunnerError, operator_error
 from .nats_security import NatsClientOptions
 from .operator import Response
 from .protocol import RequestHeader, encode_message
@@ -109,7 +109,8 @@ class RemoteOperator:
     ) -> AsyncGenerator[Response, None]:
         """Send a request and yield its responses; the last one yielded is final.
 
-        Raises :class:`OperatorError` when the operator answers with an error and
+        Raises :class:`OperatorError` when the operator answers with an error (an
+        :class:`OperatorTimeoutError`, also a RequestTimeoutError, for code ``timeout``) and
         :class:`RequestTimeoutError` when no final response arrives in time. Inside a worker
         a call left open when the request being served ends is closed (and cancelled) then.
         """
@@ -161,7 +162,7 @@ class RemoteOperator:
                 try:
                     async for response, body in stream:
                         if response.error is not None:
-                            raise OperatorError(self.name, response.error.code, response.error.message)
+                            raise operator_error(self.name, response.error.code, response.error.message)
                         outputs = decode_tensors(response.tensors, body, data_plane, stream.deadline)
                         remote = [t.descriptor for t in outputs.values() if t.descriptor is not None]
                         came_back.update((d.address, d.tensor_id) for d in remote)
