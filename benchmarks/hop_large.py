@@ -32,7 +32,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from hop import Processes, cpu_seconds, deployment_roles, per_request_us
+from hop import Processes, cpu_seconds, deployment_roles, per_request_us, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 PROCESSES = Path(__file__).with_name("hop_large_processes.py")
@@ -136,21 +135,6 @@ async def measure(caller: Child, roles: dict[str, list[int]], concurrency: int, 
         "requests": n, "req_per_s": result["req_per_s"], "p50_ms": result["p50_ms"],
         "p99_ms": result["p99_ms"], "cpu_us": per_request_us(before, after, n),
     }  # fmt: skip
-
-
-def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    totals = [sum(s["cpu_us"].values()) for s in samples]
-    roles = samples[0]["cpu_us"].keys()
-    return {
-        "requests": [s["requests"] for s in samples],
-        "req_per_s": statistics.median(s["req_per_s"] for s in samples),
-        "req_per_s_runs": [round(s["req_per_s"], 1) for s in samples],
-        "p50_ms": statistics.median(s["p50_ms"] for s in samples),
-        "p99_ms": statistics.median(s["p99_ms"] for s in samples),
-        "cpu_us_per_request": statistics.median(totals),
-        "cpu_us_per_request_runs": [round(t) for t in totals],
-        "cpu_us_by_process": {r: statistics.median(s["cpu_us"][r] for s in samples) for r in roles},
-    }
 
 
 def ratios(rows: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]:

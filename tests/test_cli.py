@@ -17,7 +17,7 @@ import psutil
 from pipeline_runner.schema import SCHEMA_PATH
 from pipeline_runner.state import DeploymentState, is_running, state_file
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, interrupt
 
 RUNNER = [sys.executable, "-m", "pipeline_runner.cli"]
 HELLO_WORLD = REPO_ROOT / "deployments" / "hello_world.yaml"  # Triton encoder and decoder
@@ -55,12 +55,7 @@ def deployed(file: Path = HELLO_WORLD, name: str = "hello_world") -> Iterator[tu
         yield proc, _wait_for_state(name, proc)
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            interrupt(proc)
 
 
 def test_deploy_then_client_gets_every_response_right() -> None:

@@ -24,7 +24,7 @@ import pytest
 import tritonclient.http as triton_http
 import yaml
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, interrupt
 
 RUNNER = [sys.executable, "-m", "pipeline_runner.cli"]
 MAX_BODY = 1024 * 1024
@@ -115,12 +115,7 @@ def _deploy(path: Path, env: dict[str, str], timeout_s: float = 120) -> Running:
 
 def _stop(running: Running) -> None:
     if running.proc.poll() is None:
-        running.proc.send_signal(signal.SIGINT)
-        try:
-            running.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            running.proc.kill()
-            running.proc.wait()
+        interrupt(running.proc)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, interrupt
 from .metrics_scrape import Scrape, scrape
 
 DASHBOARD = REPO_ROOT / "containers" / "grafana" / "pipeline_runner.json"
@@ -95,12 +94,7 @@ def deployed_hello_world() -> Iterator[dict[str, str]]:
         assert set(urls) == {"HTTP", "metrics"}, f"runner deploy exited early (code {proc.poll()})"
         yield urls
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        interrupt(proc)
 
 
 def _runner(*args: str) -> subprocess.CompletedProcess[str]:

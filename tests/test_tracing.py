@@ -6,7 +6,6 @@ import asyncio
 import http.server
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -27,7 +26,7 @@ from pipeline_runner.tracing.breakdown import hop_timings
 from pipeline_runner.tracing.file_exporter import read_spans
 from pipeline_runner.tracing.settings import TracingSettings, resolve_tracing
 
-from .conftest import REPO_ROOT, connected, make_config, op, running
+from .conftest import REPO_ROOT, connected, interrupt, make_config, op, running
 
 RUNNER = [sys.executable, "-m", "pipeline_runner.cli"]
 HELLO_WORLD = REPO_ROOT / "deployments" / "hello_world.yaml"  # Triton encoder and decoder
@@ -127,12 +126,7 @@ def deployed_with_traces(trace_file: Path) -> Iterator[DeploymentState]:
             time.sleep(0.1)
         yield DeploymentState.model_validate_json(state_file("hello_world").read_text())
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        interrupt(proc)
 
 
 def _http_port(state: DeploymentState) -> int:
