@@ -178,8 +178,26 @@ def tensor_bytes(name: str, array: np.ndarray) -> tuple[str, memoryview]:
         return kind, memoryview(b"".join(parts))
     if array.dtype.kind == "V":
         raise ProtocolError(f"tensor {name!r}: structured/void dtype {array.dtype} is not supported")
+    if array.flags.c_contiguous and array.size:  # the usual case: no copy, no reshape
+        try:
+            return _dtype_str(array.dtype), memoryview(array).cast("B")
+        except ValueError:  # a dtype the buffer protocol cannot export (datetime64, ...)
+            pass
     contiguous = np.ascontiguousarray(array)
     return contiguous.dtype.str, memoryview(contiguous.reshape(-1).view(np.uint8))
+
+
+def _dtype_str(dtype: np.dtype) -> str:
+    # ``dtype.str`` builds a new string on every access.
+    text = _DTYPE_STRS.get(dtype)
+    if text is None:
+        text = dtype.str
+        if len(_DTYPE_STRS) < 256:
+            _DTYPE_STRS[dtype] = text
+    return text
+
+
+_DTYPE_STRS: dict[np.dtype, str] = {}
 
 
 def array_from_bytes(name: str, dtype: str, shape: tuple[int, ...], data: memoryview) -> np.ndarray:
@@ -191,12 +209,21 @@ def array_from_bytes(name: str, dtype: str, shape: tuple[int, ...], data: memory
         count *= dim
     if dtype in (BYTES_DTYPE, STRING_DTYPE):
         return _variable_length_array(name, dtype, shape, count, data)
-    np_dtype = wire_dtype(name, dtype)
+    np_dtype = _WIRE_DTYPES.get(dtype)
+    if np_dtype is None:
+        np_dtype = wire_dtype(name, dtype)
+        if len(_WIRE_DTYPES) < 256:
+            _WIRE_DTYPES[dtype] = np_dtype
     if count * np_dtype.itemsize != len(data):
         raise ProtocolError(
             f"tensor {name!r}: {len(data)} bytes do not match dtype {dtype} and shape {list(shape)}"
         )
-    return np.frombuffer(data, dtype=np_dtype, count=count).reshape(shape)
+    array = np.frombuffer(data, dtype=np_dtype, count=count)
+    return array if len(shape) == 1 else array.reshape(shape)
+
+
+# The fixed-width dtypes wire_dtype allowed, by their wire string.
+_WIRE_DTYPES: dict[str, np.dtype] = {}
 
 
 def wire_dtype(name: str, dtype: str) -> np.dtype:

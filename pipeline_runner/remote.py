@@ -201,7 +201,9 @@ class RemoteOperator:
     ) -> Response:
         """Send a request and return its final response (earlier streamed ones are dropped)."""
         final: Response | None = None
-        async for response in self.call(inputs, parameters=parameters, timeout_s=timeout_s):
+        # Not tracked in the serving context's open calls, unlike ``call``: nothing here awaits
+        # between two responses, so a cancel always lands inside the call, which then ends.
+        async for response in self._call(current_context(), inputs, parameters, timeout_s):
             final = response
         assert final is not None  # the stream only ends after a final response
         return final

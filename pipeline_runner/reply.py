@@ -57,9 +57,10 @@ class Responder:
         )
         payload = encode_message(header, encoded.buffers)
         check_payload(len(payload), self.sink.max_payload, encoded.descriptors, "response")
-        scope = current_context().scope
-        if scope is not None:
-            scope.hand_on(encoded.forwarded)
+        if encoded.forwarded:
+            scope = current_context().scope
+            if scope is not None:
+                scope.hand_on(encoded.forwarded)
         await self.sink.publish_response(reply.reply_to, payload, final)
 
 

@@ -27,7 +27,7 @@ from .errors import PayloadTooLargeError, ProtocolError, RequestTimeoutError, Ru
 from .inbound import RESEND_HEADER
 from .nats_security import NatsClientOptions, redact_url
 from .protocol import ErrorInfo, ResponseHeader, decode_response
-from .work_queue import is_puback, puback_refusal
+from .work_queue import is_puback, puback_refusal, puback_stored
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +327,8 @@ class RequestPlane:
             return
         self._journal.append((time.monotonic(), subject, payload))
         self._journal_bytes += len(payload)
-        self._trim_journal()
+        if self._journal_bytes > _JOURNAL_MAX_BYTES:
+            self._trim_journal()  # by age, the confirmer trims it twice a second
         if self._confirmer is None:
             self._confirmer = asyncio.create_task(self._confirm())
 
@@ -421,6 +422,10 @@ class ResponseStream:
         return max(0.0, self.deadline - time.monotonic())
 
     def _deliver(self, msg: Msg) -> None:
+        if puback_stored(msg.data):
+            # The work queue took the request: the reader would only wake to wait again.
+            self._stored_in_queue = True
+            return
         self._arrived.append(msg)
         self._wake()
 

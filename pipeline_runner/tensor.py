@@ -182,7 +182,8 @@ async def encode_tensors(
         else:
             inline[name] = value
     encoded.descriptors, encoded.buffers = encode_inline_tensors(inline)
-    encoded.descriptors += encoded.remote
+    if encoded.published or encoded.forwarded:
+        encoded.descriptors += encoded.remote
     return encoded
 
 
@@ -232,5 +233,7 @@ class TensorScope:
         self._handed_on.update((d.address, d.tensor_id) for d in descriptors)
 
     def to_release(self) -> list[RemoteTensor]:
+        if not self._received:
+            return []
         return [d for key, d in self._received.items() if key not in self._handed_on]
 

@@ -173,6 +173,11 @@ def is_puback(data: bytes) -> bool:
     return data[:1] == b"{"
 
 
+def puback_stored(data: bytes) -> bool:
+    """True for a PubAck saying the work queue stored the request (the usual answer)."""
+    return data[:1] == b"{" and b'"error"' not in data
+
+
 def puback_refusal(data: bytes, subject: str) -> ErrorInfo | None:
     """Why the work queue of ``subject`` refused a request, from its PubAck; None when stored."""
     if b'"error"' not in data:  # the common case, without parsing

@@ -65,6 +65,16 @@ async def test_bytes_and_strings_round_trip_including_empty_and_unicode(shape: t
     assert out_text.reshape(-1).tolist() == text.tolist()
 
 
+async def test_dates_and_durations_round_trip_though_numpy_cannot_export_them_as_buffers() -> None:
+    dates = np.array(["2026-12-03T14:00", "1970-01-01T00:00"], dtype="datetime64[s]")
+    durations = np.arange(4, dtype="timedelta64[ms]").reshape(2, 2)
+    decoded = await _round_trip({"dates": dates, "durations": durations})
+    for name, original in (("dates", dates), ("durations", durations)):
+        out = await decoded[name].array()
+        assert out.dtype == original.dtype and out.shape == original.shape
+        np.testing.assert_array_equal(out, original)
+
+
 async def test_fixed_width_numpy_strings_round_trip() -> None:
     array = np.array(["ab", "cde"], dtype="<U3")
     out = await (await _round_trip({"s": array}))["s"].array()

@@ -292,7 +292,8 @@ class Worker:
 
     async def _execute(self, requests: list[Request]) -> None:
         scope, calls = TensorScope(), OpenCalls()
-        token = set_context(ServingContext(self.connection, max(r.deadline for r in requests), scope, calls))
+        deadline = requests[0].deadline if len(requests) == 1 else max(r.deadline for r in requests)
+        token = set_context(ServingContext(self.connection, deadline, scope, calls))
         task = asyncio.current_task()
         assert task is not None
         for request in requests:
@@ -315,7 +316,9 @@ class Worker:
             if len(late) < len(requests):
                 await self._fail_unanswered(requests, self._error_for(exc))
         else:
-            await self._fail_unanswered(requests, _NO_RESPONSE)
+            unanswered = [r for r in requests if not r.answered]
+            if unanswered:
+                await self._fail_unanswered(unanswered, _NO_RESPONSE)
         finally:
             for request in requests:
                 self._running.pop(request.id, None)
@@ -323,8 +326,9 @@ class Worker:
             if spans is not None:
                 spans.end(error)
             reset_context(token)
-            if self.data_plane is not None:
-                self.data_plane.release(scope.to_release())
+            released = scope.to_release()
+            if released and self.data_plane is not None:
+                self.data_plane.release(released)
 
     def _error_for(self, exc: Exception) -> ErrorInfo:
         """What the callers of a batch learn when ``execute`` raised ``exc``."""
