@@ -454,10 +454,12 @@ async def setup(args: argparse.Namespace, keys: list[str], procs: Processes, wor
     from pipeline_runner import DeploymentConfig
     from pipeline_runner.config_loader import load_deployment
     from pipeline_runner.deployment import Deployment
-    from pipeline_runner.nats_server import NatsServer
+    from pipeline_runner.nats_server import NatsServer, embedded_max_procs
 
     monitor_port = free_port()
-    server = NatsServer(workdir / "nats", config_text=f"http: 127.0.0.1:{monitor_port}\n")
+    # As a deployment's embedded server unless told: its GOMAXPROCS, or Go's own default ("go").
+    max_procs = None if args.nats_max_procs == "go" else embedded_max_procs(None if args.nats_max_procs == "auto" else int(args.nats_max_procs))
+    server = NatsServer(workdir / "nats", config_text=f"http: 127.0.0.1:{monitor_port}\n", max_procs=max_procs)
     url = await server.start()
     monitor = NatsMonitor(f"http://127.0.0.1:{monitor_port}")
     stack.push_async_callback(server.stop)
@@ -616,7 +618,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "config": {
             "size_int32": args.size, "requests_max": args.requests, "max_seconds": args.max_seconds,
             "rounds": args.rounds, "concurrency": args.concurrency, "workers_per_stage": args.workers,
-            "cpus": os.cpu_count(), "setup_s": round(setup_s, 1),
+            "cpus": os.cpu_count(), "setup_s": round(setup_s, 1), "nats_max_procs": args.nats_max_procs,
         },
         "idle_cpu_percent": idle,
         "idle_nats_per_s": idle_msgs_per_s,  # background traffic every row's message counts include
@@ -641,6 +643,7 @@ def main() -> None:
     parser.add_argument("--rows", type=lambda s: s.split(","), default=DEFAULT_ROWS, help=f"comma-separated subset of {','.join(ALL_ROWS)} (default: all but the runner_client_no_* variants)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (few requests, 1 and 8 in flight)")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--nats-max-procs", default="auto", help="GOMAXPROCS of the nats-server: auto (what a deployment's embedded server gets), go (Go's default: every CPU) or a number")
     parser.add_argument("--baseline", type=Path, help="another checkout (e.g. `git worktree add /tmp/base main`): adds its echo and hello_world rows")
     args = parser.parse_args()
     if args.baseline is not None:

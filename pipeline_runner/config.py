@@ -71,6 +71,15 @@ class EmbeddedNatsConfig(_Model):
         None, min_length=1, description="Server certificate: the embedded server then requires TLS."
     )
     tls_key_file: str | None = Field(None, min_length=1, description="Key of tls_cert_file.")
+    max_procs: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Threads the server's Go runtime runs on at once (GOMAXPROCS). Unset: half the CPUs "
+            "this process may use, at least 1, since the workers share the machine; a GOMAXPROCS "
+            "in the environment wins over that."
+        ),
+    )
 
 
 class NatsAuthConfig(_Model):

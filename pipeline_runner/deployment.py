@@ -26,7 +26,7 @@ from .errors import RunnerError, WorkerStartError
 from .http.spec import IngressSpec
 from .metrics import MULTIPROC_DIR_ENV
 from .nats_security import NatsClientOptions, embedded_server_config
-from .nats_server import NatsServer
+from .nats_server import NatsServer, embedded_max_procs
 from .placement import Placer, WorkerPlacement, worker_environment
 from .process import STATUS_FD_ENV
 from .state import DeploymentState, WorkerState, state_dir
@@ -336,6 +336,7 @@ class Deployment:
                     embedded.port,
                     embedded.jetstream,
                     config_text=embedded_server_config(self.nats_options, cert, key),
+                    max_procs=embedded_max_procs(embedded.max_procs),
                 )
                 self.nats_url = await self._nats.start()
                 log.info("embedded nats-server listening on %s", self.nats_url)

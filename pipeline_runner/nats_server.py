@@ -50,6 +50,27 @@ class ClusterSpec:
         )
 
 
+def embedded_max_procs(configured: int | None = None) -> int | None:
+    """GOMAXPROCS for a nats-server that shares its machine with the deployment's workers.
+
+    ``configured`` when given; None (leave it to the environment) when GOMAXPROCS is set there;
+    otherwise half the CPUs this process may run on, at least 1. Go's default (one thread per
+    CPU) costs a small machine's workers CPU in scheduler wake-ups (RESULTS.md, "Hop: the
+    embedded server's threads").
+    """
+    if configured is not None:
+        return configured
+    if os.environ.get("GOMAXPROCS"):
+        return None
+    return max(1, _usable_cpus() // 2)
+
+
+def _usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):  # Linux: what this process may run on (a container's share)
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class NatsServer:
     """A nats-server child process on a chosen or free port, stopped with :meth:`stop`.
 
@@ -67,6 +88,7 @@ class NatsServer:
         *,
         server_name: str | None = None,
         cluster: ClusterSpec | None = None,
+        max_procs: int | None = None,
     ):
         self.workdir = workdir
         self.host = host
@@ -75,6 +97,8 @@ class NatsServer:
         self.config_text = config_text  # authorization / tls blocks; may hold secrets
         self.server_name = server_name
         self.cluster = cluster
+        #: GOMAXPROCS of the server process (None: Go's default, all CPUs, or the environment's).
+        self.max_procs = max_procs
         self.url: str | None = None
         self.log_file = workdir / "nats-server.log"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -110,8 +134,12 @@ class NatsServer:
             with os.fdopen(fd, "w") as out:
                 out.write(config_text)
             args += ["-c", str(conf)]
+        env = None
+        if self.max_procs is not None:
+            env = dict(os.environ, GOMAXPROCS=str(self.max_procs))
         self._proc = subprocess.Popen(
             args,
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

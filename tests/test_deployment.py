@@ -137,3 +137,28 @@ async def test_stop_ends_every_worker_and_the_embedded_nats_server() -> None:
     assert all(pid is not None and is_running(pid) for pid in pids)
     await deployment.stop()
     assert not any(is_running(pid) for pid in pids if pid is not None)
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+async def test_the_embedded_nats_server_runs_on_as_many_threads_as_its_max_procs(monkeypatch) -> None:
+    monkeypatch.delenv("GOMAXPROCS", raising=False)
+    config = make_config(op("echo", "echo:Echo"), request_plane={"embedded": {"max_procs": 3}})
+    async with running(config) as deployment, connected(deployment) as conn:
+        response = await conn.operator("echo").infer({"x": np.array([7])})
+        assert list(await response.array("x")) == [7]
+        nats_pid = deployment.state().nats_pid
+        assert nats_pid is not None and _environ(nats_pid)["GOMAXPROCS"] == "3"
+
+
+def test_the_embedded_server_takes_half_the_cpus_unless_told_or_the_environment_says(monkeypatch) -> None:
+    from pipeline_runner.nats_server import embedded_max_procs
+
+    monkeypatch.delenv("GOMAXPROCS", raising=False)
+    assert embedded_max_procs(None) == max(1, len(os.sched_getaffinity(0)) // 2)
+    assert embedded_max_procs(5) == 5
+    monkeypatch.setenv("GOMAXPROCS", "2")
+    assert embedded_max_procs(None) is None  # the server inherits the environment's
