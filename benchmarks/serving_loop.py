@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from checkouts import run_in_checkout
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,13 +95,7 @@ async def child(concurrency: int, requests: int) -> dict[str, float]:
 
 
 def run_child(checkout: Path, concurrency: int, requests: int) -> dict[str, float]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(checkout), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", str(concurrency), "--requests", str(requests)],
-        cwd=checkout, env=env, capture_output=True, text=True, timeout=300, check=True,
-    )  # fmt: skip
-    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
+    return run_in_checkout(__file__, checkout, ["--child", str(concurrency), "--requests", str(requests)])
 
 
 def main() -> None:

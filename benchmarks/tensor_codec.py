@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from checkouts import run_in_checkout
 from rich.console import Console
 from rich.table import Table
 
@@ -33,7 +32,11 @@ def child(repeat: int) -> dict[str, float]:
     """CPU-µs per call of each step, in this process, on whichever pipeline_runner it imports."""
     import numpy as np
 
-    from pipeline_runner.protocol import encode_inline_tensors, inline_array, tensor_bytes
+    from pipeline_runner.protocol import (
+        encode_inline_tensors,
+        inline_array,
+        tensor_bytes,
+    )
 
     received = np.frombuffer(np.arange(1024, dtype=np.int32).tobytes(), dtype=np.int32)
     descriptors, buffers = encode_inline_tensors({"input": received})
@@ -55,13 +58,7 @@ def child(repeat: int) -> dict[str, float]:
 
 
 def run_child(checkout: Path, repeat: int) -> dict[str, float]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(checkout), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", "--repeat", str(repeat)],
-        cwd=checkout, env=env, capture_output=True, text=True, timeout=300, check=True,
-    )  # fmt: skip
-    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    return run_in_checkout(__file__, checkout, ["--child", "--repeat", str(repeat)])
 
 
 def main() -> None:
