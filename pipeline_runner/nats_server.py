@@ -55,8 +55,8 @@ def embedded_max_procs(configured: int | None = None) -> int | None:
 
     ``configured`` when given; None (leave it to the environment) when GOMAXPROCS is set there;
     otherwise half the CPUs this process may run on, at least 1. Go's default (one thread per
-    CPU) costs a small machine's workers CPU in scheduler wake-ups (RESULTS.md, "Hop: the
-    embedded server's threads").
+    CPU) costs a small machine's workers CPU in scheduler wake-ups (RESULTS.md, "The embedded
+    server's threads: GOMAXPROCS").
     """
     if configured is not None:
         return configured
