@@ -76,8 +76,8 @@ class EmbeddedNatsConfig(_Model):
         ge=1,
         description=(
             "Threads the server's Go runtime runs on at once (GOMAXPROCS). Unset: half the CPUs "
-            "this process may use, at least 1, since the workers share the machine; a GOMAXPROCS "
-            "in the environment wins over that."
+            "this process may use (its CPU affinity, capped by a container's CPU limit), at least 1, "
+            "since the workers share the machine; a GOMAXPROCS in the environment wins over that."
         ),
     )
 

@@ -155,10 +155,33 @@ async def test_the_embedded_nats_server_runs_on_as_many_threads_as_its_max_procs
 
 
 def test_the_embedded_server_takes_half_the_cpus_unless_told_or_the_environment_says(monkeypatch) -> None:
+    from pipeline_runner import nats_server
     from pipeline_runner.nats_server import embedded_max_procs
 
     monkeypatch.delenv("GOMAXPROCS", raising=False)
-    assert embedded_max_procs(None) == max(1, len(os.sched_getaffinity(0)) // 2)
+    monkeypatch.setattr(nats_server, "usable_cpus", lambda: 16)
+    assert embedded_max_procs(None) == 8
+    monkeypatch.setattr(nats_server, "usable_cpus", lambda: 1)
+    assert embedded_max_procs(None) == 1
     assert embedded_max_procs(5) == 5
     monkeypatch.setenv("GOMAXPROCS", "2")
     assert embedded_max_procs(None) is None  # the server inherits the environment's
+
+
+@pytest.mark.parametrize(
+    ("files", "cpus"),
+    [
+        ({"cpu.max": "250000 100000\n"}, 2.5),  # cgroup v2, a limit of 2.5 CPUs
+        ({"cpu.max": "max 100000\n"}, None),  # v2, no limit
+        ({"cpu/cpu.cfs_quota_us": "150000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1.5),  # v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1, no limit
+        ({}, None),
+    ],
+)
+def test_a_containers_cpu_limit_counts_as_its_cpus(tmp_path, files: dict[str, str], cpus: float | None) -> None:
+    from pipeline_runner.nats_server import cgroup_cpu_quota
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_quota(tmp_path) == cpus
