@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,7 +141,7 @@ async def test_stop_ends_every_worker_and_the_embedded_nats_server() -> None:
 
 
 def _environ(pid: int) -> dict[str, str]:
-    raw = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
 
 
