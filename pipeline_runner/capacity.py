@@ -16,6 +16,7 @@ workers this host would run exceed any of:
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 from collections.abc import Sequence
@@ -53,7 +54,7 @@ class HostResources:
     @classmethod
     def probe(cls) -> HostResources:
         """The CPUs this process may run on, available memory (cgroup included) and its rlimits."""
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cpus = _affinity_cpus()
         threads = _soft_limit(resource.RLIMIT_NPROC)
         if os.geteuid() == 0:
             threads = None  # RLIMIT_NPROC does not hold for root
@@ -155,6 +156,41 @@ def _total_memory() -> int | None:
     if limit is not None and limit.isdigit():
         total = int(limit) if total is None else min(total, int(limit))
     return total
+
+
+def _affinity_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may use: its affinity, capped by its cgroup's CPU limit (a container's)."""
+    cpus = _affinity_cpus()
+    limit = cgroup_cpu_limit(_cgroup_file("cpu.max"), *_cgroup_v1_cfs())
+    return max(1, min(cpus, math.ceil(limit))) if limit is not None else cpus
+
+
+def cgroup_cpu_limit(cpu_max: str | None, cfs_quota_us: str | None, cfs_period_us: str | None) -> float | None:
+    """A CPU limit in CPUs from cgroup v2's ``cpu.max`` or, without it, v1's CFS quota and period;
+    None where there is no limit (or it cannot be read)."""
+    try:
+        if cpu_max is not None:
+            quota, _, period = cpu_max.partition(" ")
+            return None if quota == "max" else int(quota) / int(period)
+        if cfs_quota_us is not None and cfs_period_us is not None:
+            quota_us = int(cfs_quota_us)
+            return None if quota_us <= 0 else quota_us / int(cfs_period_us)
+    except (ValueError, ZeroDivisionError):
+        pass
+    return None
+
+
+def _cgroup_v1_cfs() -> tuple[str | None, str | None]:
+    """cgroup v1's CFS quota and period as mounted for this process (a container sees its own)."""
+    root = Path("/sys/fs/cgroup/cpu")
+    try:
+        return (root / "cpu.cfs_quota_us").read_text().strip(), (root / "cpu.cfs_period_us").read_text().strip()
+    except OSError:
+        return None, None
 
 
 def _cgroup_file(name: str) -> str | None:

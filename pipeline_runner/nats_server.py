@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .capacity import usable_cpus
 from .errors import RunnerError
 from .process import die_with_parent
 
@@ -55,7 +55,7 @@ def embedded_max_procs(configured: int | None = None) -> int | None:
     """GOMAXPROCS for a nats-server that shares its machine with the deployment's workers.
 
     ``configured`` when given; None (leave it to the environment) when GOMAXPROCS is set there;
-    otherwise half of :func:`usable_cpus`, at least 1. Go's default (one thread per
+    otherwise half of :func:`~pipeline_runner.capacity.usable_cpus`, at least 1. Go's default (one thread per
     CPU) costs a small machine's workers CPU in scheduler wake-ups (RESULTS.md, "The embedded
     server's threads: GOMAXPROCS").
     """
@@ -64,25 +64,6 @@ def embedded_max_procs(configured: int | None = None) -> int | None:
     if os.environ.get("GOMAXPROCS"):
         return None
     return max(1, usable_cpus() // 2)
-
-
-def usable_cpus() -> int:
-    """CPUs this process may use: its affinity, capped by a cgroup CPU quota (a container's limit)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    quota = cgroup_cpu_quota()
-    return max(1, min(cpus, math.ceil(quota))) if quota is not None else cpus
-
-
-def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """The CPU limit of this process's cgroup in CPUs (v2 ``cpu.max``, v1 CFS quota), if any."""
-    with contextlib.suppress(OSError, ValueError, ZeroDivisionError):
-        quota, _, period = (root / "cpu.max").read_text().partition(" ")
-        return None if quota.strip() == "max" else int(quota) / int(period)
-    with contextlib.suppress(OSError, ValueError, ZeroDivisionError):
-        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-        return None if quota_us <= 0 else quota_us / period_us
-    return None
 
 
 class NatsServer:

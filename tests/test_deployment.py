@@ -170,19 +170,18 @@ def test_the_embedded_server_takes_half_the_cpus_unless_told_or_the_environment_
 
 
 @pytest.mark.parametrize(
-    ("files", "cpus"),
+    ("cpu_max", "cfs_quota_us", "cfs_period_us", "cpus"),
     [
-        ({"cpu.max": "250000 100000\n"}, 2.5),  # cgroup v2, a limit of 2.5 CPUs
-        ({"cpu.max": "max 100000\n"}, None),  # v2, no limit
-        ({"cpu/cpu.cfs_quota_us": "150000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1.5),  # v1
-        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1, no limit
-        ({}, None),
+        ("250000 100000", None, None, 2.5),  # cgroup v2, a limit of 2.5 CPUs
+        ("max 100000", None, None, None),  # v2, no limit
+        (None, "150000", "100000", 1.5),  # v1
+        (None, "-1", "100000", None),  # v1, no limit
+        (None, None, None, None),
     ],
 )
-def test_a_containers_cpu_limit_counts_as_its_cpus(tmp_path, files: dict[str, str], cpus: float | None) -> None:
-    from pipeline_runner.nats_server import cgroup_cpu_quota
+def test_a_containers_cpu_limit_counts_as_its_cpus(
+    cpu_max: str | None, cfs_quota_us: str | None, cfs_period_us: str | None, cpus: float | None
+) -> None:
+    from pipeline_runner.capacity import cgroup_cpu_limit
 
-    for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
-    assert cgroup_cpu_quota(tmp_path) == cpus
+    assert cgroup_cpu_limit(cpu_max, cfs_quota_us, cfs_period_us) == cpus
