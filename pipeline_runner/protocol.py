@@ -67,20 +67,12 @@ class _TensorFields(_Wire, frozen=True):
                     f"elements (each needs at least {_LEN.size})"
                 )
             return
-        itemsize = _ITEMSIZES.get(dtype)
-        if itemsize is None:
-            itemsize = wire_dtype(self.name, dtype).itemsize
-            if len(_ITEMSIZES) < 256:
-                _ITEMSIZES[dtype] = itemsize
+        itemsize = wire_dtype(self.name, dtype).itemsize
         if nbytes != count * itemsize:
             raise InvalidTensorError(
                 f"tensor {self.name!r}: nbytes {nbytes} does not match dtype {dtype} and "
                 f"shape {list(shape)} ({count * itemsize} bytes)"
             )
-
-
-# Item size of each fixed-width wire dtype seen (only allowed ones are stored).
-_ITEMSIZES: dict[str, int] = {}
 
 
 class InlineTensor(_TensorFields, frozen=True, tag_field="kind", tag="inline"):
@@ -209,11 +201,7 @@ def array_from_bytes(name: str, dtype: str, shape: tuple[int, ...], data: memory
         count *= dim
     if dtype in (BYTES_DTYPE, STRING_DTYPE):
         return _variable_length_array(name, dtype, shape, count, data)
-    np_dtype = _WIRE_DTYPES.get(dtype)
-    if np_dtype is None:
-        np_dtype = wire_dtype(name, dtype)
-        if len(_WIRE_DTYPES) < 256:
-            _WIRE_DTYPES[dtype] = np_dtype
+    np_dtype = wire_dtype(name, dtype)
     if count * np_dtype.itemsize != len(data):
         raise ProtocolError(
             f"tensor {name!r}: {len(data)} bytes do not match dtype {dtype} and shape {list(shape)}"
@@ -222,18 +210,24 @@ def array_from_bytes(name: str, dtype: str, shape: tuple[int, ...], data: memory
     return array if len(shape) == 1 else array.reshape(shape)
 
 
-# The fixed-width dtypes wire_dtype allowed, by their wire string.
-_WIRE_DTYPES: dict[str, np.dtype] = {}
-
 
 def wire_dtype(name: str, dtype: str) -> np.dtype:
     """The NumPy dtype a fixed-width tensor's dtype string names; ProtocolError if none may travel."""
+    np_dtype = _WIRE_DTYPES.get(dtype)  # every descriptor asks: the allowed ones are remembered
+    if np_dtype is not None:
+        return np_dtype
     np_dtype = _parsed_dtype(dtype)
     if np_dtype is None:
         raise ProtocolError(f"tensor {name!r}: unknown dtype {dtype[:40]!r}")
     if np_dtype.hasobject or np_dtype.kind == "V":
         raise ProtocolError(f"tensor {name!r}: dtype {dtype!r} is not allowed on the wire")
+    if len(_WIRE_DTYPES) < 256:
+        _WIRE_DTYPES[dtype] = np_dtype
     return np_dtype
+
+
+# The fixed-width dtypes wire_dtype allowed, by their wire string.
+_WIRE_DTYPES: dict[str, np.dtype] = {}
 
 
 @lru_cache(maxsize=256)

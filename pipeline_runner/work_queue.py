@@ -175,7 +175,7 @@ def is_puback(data: bytes) -> bool:
 
 def puback_stored(data: bytes) -> bool:
     """True for a PubAck saying the work queue stored the request (the usual answer)."""
-    return data[:1] == b"{" and b'"error"' not in data
+    return is_puback(data) and b'"error"' not in data
 
 
 def puback_refusal(data: bytes, subject: str) -> ErrorInfo | None:
