@@ -71,6 +71,7 @@ class PRequest(_PWire):
     parameters: dict[str, Any] = Field(default_factory=dict)
     tensors: list[PDescriptor] = Field(default_factory=list)
     trace_context: dict[str, str] | None = None
+    sent_at: float | None = None
 
 
 class PResponse(_PWire):
